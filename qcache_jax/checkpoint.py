@@ -1,0 +1,124 @@
+"""Checkpoint directories: Orbax parameters, the model config and HF side files, written atomically.
+
+Layout of a checkpoint directory::
+
+    params/               Orbax (StandardCheckpointer) parameter pytree
+    qcache_config.json    LlavaConfig (frozen dataclasses as JSON)
+    schedule.json         optional: the calibrated lazy schedule (``--lazy auto``)
+    tokenizer*, preprocessor_config.json, chat_template.*, ...  copied from the HF model
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from .config import LlavaConfig
+from .errors import QCacheError
+
+CONFIG_FILE = "qcache_config.json"
+PARAMS_DIR = "params"
+HF_CONFIG_FILE = "hf_config.json"
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, *, force: bool = False):
+    """Yield a temporary directory beside ``out``; rename it to ``out`` only if the block succeeds.
+
+    Any exception, KeyboardInterrupt included, removes the temporary directory, so nothing is
+    left at ``out``. With ``force`` an existing ``out`` is replaced only after success.
+    """
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise QCacheError(f"{out} already exists (use --force to overwrite)")
+            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer()
+
+
+def save_checkpoint(directory: Path, cfg: LlavaConfig, params) -> None:
+    """Write ``params`` (Orbax) and ``cfg`` (JSON) into ``directory``."""
+    directory = Path(directory).absolute()
+    ckptr = _checkpointer()
+    ckptr.save(directory / PARAMS_DIR, params)
+    ckptr.wait_until_finished()
+    (directory / CONFIG_FILE).write_text(cfg.to_json())
+
+
+def copy_hf_side_files(src: Path, dst: Path) -> None:
+    """Copy the tokenizer, processor, chat template and generation files, and the HF config."""
+    for name in SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    if (src / "config.json").is_file():
+        shutil.copy2(src / "config.json", dst / HF_CONFIG_FILE)
+
+
+def read_config(directory: Path) -> LlavaConfig:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise QCacheError(f"{directory}: not a qcache checkpoint (no {CONFIG_FILE}); convert it with `qcache convert`")
+    try:
+        return LlavaConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, KeyError) as e:
+        raise QCacheError(f"{path}: corrupted config ({e})") from None
+
+
+def load_params(directory: Path, cfg: LlavaConfig):
+    """Restore the parameter pytree as jax arrays, checked against the config's abstract tree."""
+    from .convert import abstract_params
+
+    directory = Path(directory).absolute()
+    _, abstract = abstract_params(cfg)
+    if not (directory / PARAMS_DIR).is_dir():
+        raise QCacheError(f"{directory}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
+    try:
+        params = _checkpointer().restore(directory / PARAMS_DIR, abstract)
+    except Exception as e:  # orbax raises a variety of types for damaged or mismatched files
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        raise QCacheError(f"{directory}/{PARAMS_DIR}: cannot restore parameters ({type(e).__name__}: {msg})") from None
+    bad = [
+        jax.tree_util.keystr(p)
+        for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(abstract)[0], jax.tree.leaves(params))
+        if tuple(a.shape) != tuple(np.shape(b))
+    ]
+    if bad:
+        raise QCacheError(f"{directory}: parameters do not match the config: {', '.join(bad[:10])}")
+    return params

@@ -1,0 +1,125 @@
+"""CLIP ViT vision tower and the LLaVA multimodal projector."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .attention import attend
+from .config import LlavaConfig, VisionConfig
+from .layers import Embed, LayerNorm, Linear, activation, scan_layers, stacked
+
+
+class CLIPAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.q_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.out_proj = Linear(d, d, bias=True, dtype=dtype, rngs=rngs)
+        self.num_heads = cfg.num_heads
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        # Bidirectional attention over patches: every key visible (all positions equal, all valid).
+        pos = jnp.zeros((b, t), jnp.int32)
+        o = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), pos, pos, pos == 0)
+        return self.out_proj(o.reshape(b, t, d))
+
+
+class CLIPMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.self_attn = CLIPAttention(cfg, dtype=dtype, rngs=rngs)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.mlp = CLIPMLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEmbeddings(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        p, c, d = cfg.patch_size, cfg.num_channels, cfg.hidden_size
+        # Conv kernel in Flax layout HWIO (HF stores OIHW); stride = patch size, no bias.
+        self.patch_embedding = nnx.Param((0.02 * jax.random.normal(rngs.params(), (p, p, c, d))).astype(dtype))
+        self.class_embedding = nnx.Param((0.02 * jax.random.normal(rngs.params(), (d,))).astype(dtype))
+        self.position_embedding = Embed(cfg.num_patches + 1, d, dtype=dtype, rngs=rngs)
+        self.patch_size = p
+
+    def __call__(self, pixel_values):
+        kernel = self.patch_embedding[...]
+        x = jax.lax.conv_general_dilated(
+            pixel_values.astype(kernel.dtype),
+            kernel,
+            window_strides=(self.patch_size, self.patch_size),
+            padding="VALID",
+            dimension_numbers=("NCHW", "HWIO", "NHWC"),
+        )
+        b, gh, gw, d = x.shape
+        x = x.reshape(b, gh * gw, d)
+        cls = jnp.broadcast_to(self.class_embedding[...], (b, 1, d)).astype(x.dtype)
+        x = jnp.concatenate([cls, x], axis=1)
+        return x + self.position_embedding.embedding[...][None]
+
+
+class VisionTower(nnx.Module):
+    """CLIP vision transformer; returns the hidden states LLaVA selects as image features."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.embeddings = CLIPEmbeddings(cfg, dtype=dtype, rngs=rngs)
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.encoder = nnx.Dict(layers=stacked(cfg.num_layers, lambda r: CLIPEncoderLayer(cfg, dtype=dtype, rngs=r), rngs))
+        # CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads.
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.cfg = cfg
+
+    def __call__(self, pixel_values, feature_layers: tuple[int, ...], *, unroll: bool = False):
+        """Hidden states at ``feature_layers`` (indices into HF's ``hidden_states``; 0 = embeddings).
+
+        Only the layers up to the deepest requested one run: LLaVA-1.5 reads layer -2, so the
+        last CLIP layer is skipped entirely.
+        """
+        h = self.pre_layrnorm(self.embeddings(pixel_values))
+        deepest = max(feature_layers)
+        out = {0: h}
+        if deepest > 0:
+            layers = _first_layers(self.encoder["layers"], deepest)
+
+            def body(layer, x, _):
+                x = layer(x)
+                return x, x
+
+            _, hs = scan_layers(layers, body, h, unroll=unroll)
+            out.update({i: hs[i - 1] for i in feature_layers if i > 0})
+        return [out[i] for i in feature_layers]
+
+
+def _first_layers(stack: nnx.Module, n: int) -> nnx.Module:
+    graphdef, state = nnx.split(stack)
+    return nnx.merge(graphdef, jax.tree.map(lambda a: a[:n], state))
+
+
+class Projector(nnx.Module):
+    def __init__(self, cfg: LlavaConfig, *, dtype, rngs: nnx.Rngs):
+        d_in = cfg.vision.hidden_size * len(cfg.feature_layers)
+        d = cfg.text.hidden_size
+        self.linear_1 = Linear(d_in, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(d, d, bias=cfg.projector_bias, dtype=dtype, rngs=rngs)
+        self.act = activation(cfg.projector_hidden_act)
+
+    def __call__(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
