@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -33,6 +34,7 @@ class QCacheModel:
         self.config, self.params, self.path = config, params, path
         self.graphdef, _ = abstract_params(config)
         self.tokenizer, self.processor = tokenizer, processor
+        self._engines: dict = {}
 
     @property
     def num_layers(self) -> int:
@@ -103,6 +105,212 @@ class QCacheModel:
             attention_impl=attention_impl,
         )
         return np.asarray(out)
+
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def engine(self, attention_impl: str = "auto"):
+        """The (cached) :class:`~qcache_jax.engine.Engine` holding compiled executables per bucket."""
+        from .engine import Engine
+
+        if attention_impl not in self._engines:
+            self._engines[attention_impl] = Engine(self.graphdef, self.params, self.config, attention_impl=attention_impl)
+        return self._engines[attention_impl]
+
+    def encode(self, prompt, images=(), *, raw: bool = False):
+        """Token ids (image tokens expanded) and pixel values for one text prompt and its images,
+        through the checkpoint's chat template and HF processor."""
+        images = [_open_image(im) for im in images]
+        if self.processor is None and self.tokenizer is None:
+            raise QCacheError(f"{self.path}: checkpoint has no tokenizer; pass input_ids instead of a prompt")
+        if raw:
+            text = prompt
+        else:
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+            templater = self.processor if self.processor is not None else self.tokenizer
+            if getattr(templater, "chat_template", None) is None:
+                raise QCacheError(f"{self.path}: checkpoint has no chat template; use --raw")
+            text = templater.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+        if images:
+            if self.processor is None:
+                raise QCacheError(f"{self.path}: checkpoint has no image processor, so it cannot take images")
+            enc = self.processor(images=images, text=[text], return_tensors="np")
+            return enc["input_ids"][0].tolist(), enc["pixel_values"].astype(np.float32)
+        tok = self.tokenizer if self.tokenizer is not None else self.processor.tokenizer
+        return tok(text)["input_ids"], None
+
+    def generate(
+        self,
+        prompt=None,
+        images=(),
+        *,
+        input_ids=None,
+        pixel_values=None,
+        attention_mask=None,
+        lazy=None,
+        mode: str = "vla",
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        raw: bool = False,
+        eos_token_id=None,
+        cache_len: int | None = None,
+        attention_impl: str = "auto",
+        gla_reuse_probs: bool = True,
+        return_logits: bool = False,
+    ) -> "GenerateResult":
+        """Jitted prefill + ``lax.while_loop`` decode for one prompt or a batch.
+
+        Give either ``prompt`` (a string, or a list of strings) with ``images`` (paths or PIL
+        images; for a batch, one list per prompt), formatted with the chat template unless
+        ``raw``; or HF-style ``input_ids`` [B, T] (image tokens expanded; padding on either side
+        marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W]. Greedy when
+        ``temperature`` is 0. ``return_logits`` keeps each generated token's logits. Rows stop on EOS, at ``max_new_tokens`` or when their cache is
+        full; ``cache_len`` fixes the cache capacity (tokens per row), and a prompt that does not
+        fit is an error.
+        """
+        if mode not in MODES:
+            raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        if max_new_tokens < 1:
+            raise QCacheError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise QCacheError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        prompts, pv = self._prompts(prompt, images, input_ids, pixel_values, attention_mask, raw)
+        schedule = self.resolve_lazy(lazy)
+        n_img = [sum(1 for t in p if t == self.config.image_token_id) // self.config.image_tokens_per_image for p in prompts]
+        eos = self._eos(eos_token_id)
+        engine = self.engine(attention_impl)
+        plan = engine.plan(
+            prompts, n_img, schedule=schedule, mode=mode, max_new_tokens=max_new_tokens, eos=eos,
+            pad_id=self._pad_id(), cache_len=cache_len, reuse_probs=gla_reuse_probs, keep_logits=return_logits,
+        )
+        out = engine.generate(
+            prompts, pv, n_img, plan, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
+        return GenerateResult(
+            text=[self._decode(t) for t in out.token_ids],
+            token_ids=out.token_ids,
+            prompt_token_ids=prompts,
+            kv_cache_bytes=out.kv_cache_bytes,
+            dense_kv_cache_bytes=out.dense_kv_cache_bytes,
+            prefill_seconds=out.prefill_seconds,
+            decode_tokens_per_second=out.decode_tokens_per_second,
+            compile_seconds=out.compile_seconds,
+            lazy_layers=[i for i, f in enumerate(schedule) if f],
+            mode=mode,
+            logits=out.logits,
+        )
+
+    def _prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw):
+        """Per-row prompt token lists (no padding) and the batch's pixel values."""
+        if (prompt is None) == (input_ids is None):
+            raise QCacheError("give exactly one of prompt or input_ids")
+        if prompt is not None:
+            batch = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not batch:
+                raise QCacheError("empty prompt list")
+            per_row = [list(images)] if isinstance(prompt, str) else [list(x) for x in (images or [[]] * len(batch))]
+            if len(per_row) != len(batch):
+                raise QCacheError(f"{len(batch)} prompts but {len(per_row)} image lists")
+            rows, pvs = [], []
+            for p, ims in zip(batch, per_row):
+                ids, pv = self.encode(p, ims, raw=raw)
+                rows.append(ids)
+                if pv is not None:
+                    pvs.append(pv)
+            ids_check = rows
+            pv = np.concatenate(pvs) if pvs else None
+        else:
+            ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
+            mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
+            rows = [row[m].tolist() for row, m in zip(ids, mask)]
+            ids_check = rows
+        if any(len(r) == 0 for r in ids_check):
+            raise QCacheError("a prompt has no tokens")
+        flat = np.array([t for r in rows for t in r])
+        n_tok = int((flat == self.config.image_token_id).sum())
+        n_pv = 0 if pv is None else pv.shape[0]
+        if n_tok != n_pv * self.config.image_tokens_per_image:
+            raise QCacheError(
+                f"{n_pv} image(s) need {n_pv * self.config.image_tokens_per_image} image tokens, the prompts have {n_tok}"
+            )
+        per = self.config.image_tokens_per_image
+        for r in rows:
+            if sum(1 for t in r if t == self.config.image_token_id) % per:
+                raise QCacheError(f"a prompt's image tokens are not a whole number of images ({per} tokens each)")
+        return rows, pv
+
+    def _eos(self, eos_token_id) -> tuple[int, ...]:
+        if eos_token_id is not None:
+            return tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
+        if self.config.text.eos_token_id:
+            return self.config.text.eos_token_id
+        tok = self._tokenizer()
+        return (tok.eos_token_id,) if tok is not None and tok.eos_token_id is not None else ()
+
+    def _pad_id(self) -> int:
+        pad = self.config.text.pad_token_id
+        if pad is None:
+            tok = self._tokenizer()
+            pad = tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
+        return int(pad) if int(pad) != self.config.image_token_id else 0
+
+    def _tokenizer(self):
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return getattr(self.processor, "tokenizer", None)
+
+    def _decode(self, ids) -> str | None:
+        tok = self._tokenizer()
+        return None if tok is None else tok.decode(ids, skip_special_tokens=True)
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """What :meth:`QCacheModel.generate` returns: one entry per prompt in ``text``, ``token_ids``
+    (generated, EOS included when hit) and ``prompt_token_ids``; sizes in bytes; times in s."""
+
+    text: list
+    token_ids: list
+    prompt_token_ids: list
+    kv_cache_bytes: int
+    dense_kv_cache_bytes: int
+    prefill_seconds: float
+    decode_tokens_per_second: float
+    compile_seconds: float
+    lazy_layers: list
+    mode: str
+    logits: list | None = None  # with return_logits: per prompt, [n_generated, V] float32
+
+    @property
+    def kv_saved_fraction(self) -> float:
+        return 1.0 - self.kv_cache_bytes / self.dense_kv_cache_bytes
+
+    def to_json(self, row: int | None = None) -> dict:
+        """A JSON-ready dict; with ``row`` the per-prompt fields are that prompt's."""
+        d = dataclasses.asdict(self)
+        d.pop("logits")
+        if row is not None:
+            for k in ("text", "token_ids", "prompt_token_ids"):
+                d[k] = d[k][row]
+        d["kv_saved_fraction"] = self.kv_saved_fraction
+        return d
+
+
+def _open_image(im):
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(im, Image.Image):
+        return im.convert("RGB")
+    try:
+        with Image.open(im) as f:
+            return f.convert("RGB")
+    except FileNotFoundError:
+        raise QCacheError(f"{im}: image not found") from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise QCacheError(f"{im}: cannot read image ({e})") from None
 
 
 def _load_hf_helper(kind: str, path: Path):

@@ -1,23 +1,38 @@
-"""Causal, position-masked attention: the model's single entry point to the kernels."""
+"""The model's entry points to the attention kernels (dispatch by backend lives in kernels/)."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
+
+from .kernels import decode_attention, flash_attention, lazy_decode_pv, merge_attention
 
 
 def attend(q, k, v, q_pos, kv_pos, kv_valid, *, impl: str = "auto"):
-    """softmax(q k^T / sqrt(D)) v with key j visible to query i iff valid and kv_pos <= q_pos."""
-    b, t, hq, d = q.shape
-    g = hq // k.shape[2]
-    qf = q.astype(jnp.float32).reshape(b, t, k.shape[2], g, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qf, k.astype(jnp.float32)) / jnp.sqrt(jnp.float32(d))
-    mask = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])
-    s = jnp.where(mask[:, None, None], s, -jnp.inf)
-    m = jnp.max(s, -1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    p = jnp.exp(s - m)
-    l = p.sum(-1, keepdims=True)
-    p = p / jnp.where(l == 0, 1.0, l)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
-    return o.reshape(b, t, hq, d).astype(q.dtype)
+    """softmax(q k^T / sqrt(D)) v, key j visible to query i iff valid and kv_pos <= q_pos."""
+    return flash_attention(q, k, v, q_pos, kv_pos, kv_valid, impl=impl)[0]
+
+
+def decode_segments(q, segments, *, impl: str = "auto", return_probs: bool = False):
+    """One query per row [B, Hq, D] against several cache segments ``(k, v, lengths)``.
+
+    Segments (e.g. the visual and the text part of a row's cache) are attended separately and
+    merged exactly by log-sum-exp, so no segment is ever concatenated (copied). With
+    ``return_probs`` also returns each segment's probabilities normalised over *all* segments
+    ([B, Hq, S_i] float32), which a GLA lazy layer multiplies with its own V.
+    """
+    results = [decode_attention(q, k, v, n, impl=impl, return_probs=return_probs) for k, v, n in segments]
+    out, lse = merge_attention([r[0] for r in results], [r[1] for r in results])
+    if not return_probs:
+        return out, None
+    # p_i is normalised within segment i; rescale by that segment's share of the total mass.
+    probs = [r[2] * jnp.where(jnp.isfinite(r[1]), jnp.exp(r[1] - lse), 0.0)[..., None] for r in results]
+    return out, probs
+
+
+def lazy_pv_segments(probs, segments, *, impl: str = "auto"):
+    """GLA lazy-layer decode: sum over segments ``(v, lengths)`` of ``probs_i @ V_i``.
+
+    Reads only V, and only its valid entries (keys j < lengths[b]).
+    """
+    outs = [lazy_decode_pv(p, v, lengths=n, impl=impl).astype(jnp.float32) for p, (v, n) in zip(probs, segments)]
+    return sum(outs[1:], outs[0]).astype(segments[0][0].dtype)

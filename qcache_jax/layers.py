@@ -93,7 +93,6 @@ def scan_layers(stack: nnx.Module, body, carry, xs=None, *, unroll: bool = False
     computation per layer); ``False`` traces the layer once inside ``lax.scan``.
     """
     graphdef, state = nnx.split(stack)
-    n = jax.tree.leaves(state)[0].shape[0]
 
     def step(c, inp):
         layer_state, x = inp
@@ -102,8 +101,15 @@ def scan_layers(stack: nnx.Module, body, carry, xs=None, *, unroll: bool = False
     if not unroll:
         return jax.lax.scan(step, carry, (state, xs))
     ys = []
-    for i in range(n):
-        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+    for i, layer in enumerate(unstack(stack)):
+        carry, y = body(layer, carry, jax.tree.map(lambda a: a[i], xs))
         ys.append(y)
     ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None
     return carry, ys
+
+
+def unstack(stack: nnx.Module) -> list[nnx.Module]:
+    """The layers of a stacked module as separate modules (static slices), for unrolled loops."""
+    graphdef, state = nnx.split(stack)
+    n = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]

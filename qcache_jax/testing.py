@@ -68,6 +68,7 @@ def build_hf_llava(
     multimodal_projector_bias: bool = True,
     attention_bias: bool = False,
     max_position_embeddings: int = 512,
+    initializer_range: float = 0.2,
 ):
     """A random ``LlavaForConditionalGeneration`` (float32, eval mode) seeded by ``seed``."""
     import torch
@@ -87,6 +88,9 @@ def build_hf_llava(
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
+        # Larger than HF's 0.02 so that attention is far from uniform and layers differ: a lazy
+        # layer then visibly changes the output, and tests can tell right from wrong.
+        initializer_range=initializer_range,
     )
     if head_dim is not None:
         text_kwargs["head_dim"] = head_dim
@@ -103,6 +107,7 @@ def build_hf_llava(
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=16,
+        initializer_range=initializer_range / 2,
     )
     n_patches = (image_size // patch_size) ** 2
     cfg = LlavaConfig(

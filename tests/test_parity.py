@@ -77,7 +77,7 @@ def test_scan_equals_unrolled(tmp_path, rng):
     model = build_hf_llava(seed=2)
     qm = _convert(model, tmp_path)
     ids, pv = make_inputs(model.config, 2, 5, rng)
-    np.testing.assert_allclose(qm.logits(ids, pv), qm.logits(ids, pv, unroll=True), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(qm.logits(ids, pv), qm.logits(ids, pv, unroll=True), atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("layout", ["saved", "loaded", "hub"])

@@ -1,0 +1,16 @@
+"""Flash-attention kernels for Lazy Attention with Q Cache.
+
+Public API (see kernels/README.md):
+  reference_attention  plain-jnp reference shared by all tests and the CPU path
+  flash_attention      prefill, position-masked, GQA, returns (out, lse)
+  decode_attention     one token per row vs a (stacked) KV cache
+  lazy_decode_pv       GLA lazy-layer decode: anchor probs @ own V
+  merge_attention      exact log-sum-exp merge of key segments
+"""
+
+from .dispatch import (IMPLS, decode_attention, flash_attention,
+                       lazy_decode_pv, resolve_impl)
+from .reference import merge_attention, reference_attention
+
+__all__ = ["IMPLS", "decode_attention", "flash_attention", "lazy_decode_pv",
+           "merge_attention", "reference_attention", "resolve_impl"]

@@ -1,0 +1,79 @@
+"""An independent float64 numpy implementation of Lazy Attention (method.md formulas).
+
+It reads the Hugging Face PyTorch model directly: HF provides the merged input embeddings
+(``hidden_states[0]``) and the RoPE tables; everything after that is written out here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _np(t):
+    return t.detach().double().numpy()
+
+
+def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mask=None):
+    """Logits [B, T, V] of the HF model with layers ``lazy`` inheriting attention (GLA or VLA)."""
+    cfg = hf.config.text_config
+    ids = torch.tensor(input_ids)
+    b, t = ids.shape
+    with torch.no_grad():
+        kw = {"input_ids": ids, "output_hidden_states": True}
+        if pixel_values is not None:
+            kw["pixel_values"] = torch.tensor(pixel_values)
+        h = _np(hf.model(**kw).hidden_states[0])
+        pos = torch.arange(t)[None].expand(b, t)
+        cos, sin = hf.model.language_model.rotary_emb(torch.zeros(1, dtype=torch.float64), pos)
+    cos, sin = _np(cos)[:, :, None, :], _np(sin)[:, :, None, :]
+    vis = (np.asarray(input_ids) == hf.config.image_token_index)[:, :, None, None]
+    mask = np.tril(np.ones((t, t), bool))[None] & (
+        np.ones((b, 1, t), bool) if attention_mask is None else np.asarray(attention_mask, bool)[:, None, :]
+    )
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    sd = {k: _np(v) for k, v in hf.model.language_model.state_dict().items()}
+    eps = cfg.rms_norm_eps
+
+    def rms(x, w):
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+    def lin(x, name):
+        y = x @ sd[name + ".weight"].T
+        return y + sd[name + ".bias"] if name + ".bias" in sd else y
+
+    def rope(x):
+        half = x.shape[-1] // 2
+        return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
+
+    q_anchor = k_anchor = None
+    for layer in range(cfg.num_hidden_layers):
+        p = f"layers.{layer}."
+        x = rms(h, sd[p + "input_layernorm.weight"])
+        own_q = lambda: rope(lin(x, p + "self_attn.q_proj").reshape(b, t, hq, d))  # noqa: E731
+        own_k = lambda: rope(lin(x, p + "self_attn.k_proj").reshape(b, t, hkv, d))  # noqa: E731
+        v = lin(x, p + "self_attn.v_proj").reshape(b, t, hkv, d)
+        if not lazy[layer]:
+            q = q_anchor = own_q()
+            k = k_anchor = own_k()
+        elif mode == "gla":
+            q, k = q_anchor, k_anchor
+        else:
+            q = np.where(vis, q_anchor, own_q())
+            k = np.where(vis, k_anchor, own_k())
+        rep = hq // hkv
+        kr, vr = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+        s = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(d)
+        s = np.where(mask[:, None], s, -np.inf)
+        s = s - s.max(-1, keepdims=True)
+        pr = np.exp(s)
+        pr /= pr.sum(-1, keepdims=True)
+        o = np.einsum("bhqk,bkhd->bqhd", pr, vr).reshape(b, t, hq * d)
+        h = h + lin(o, p + "self_attn.o_proj")
+        x2 = rms(h, sd[p + "post_attention_layernorm.weight"])
+        act = lin(x2, p + "mlp.gate_proj")
+        h = h + lin(act / (1 + np.exp(-act)) * lin(x2, p + "mlp.up_proj"), p + "mlp.down_proj")
+    h = rms(h, sd["norm.weight"])
+    head = _np(hf.lm_head.weight)
+    return h @ head.T
