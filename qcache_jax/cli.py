@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
 
-    from .generate_cli import add_generate_parser
+    from . import generate_cli
 
-    add_generate_parser(sub)
+    generate_cli.register(sub)
     return p
 
 
