@@ -16,8 +16,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m qcache_jax.demo
 
+# Notebooks run under nbmake on the tiny local model (QCACHE_NOTEBOOK_TINY=1), in .nbrun/.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	QCACHE_NOTEBOOK_TINY=1 QCACHE_NOTEBOOK_DIR=$(CURDIR)/.nbrun $(PY) -m pytest -q tests --nbmake notebooks
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .nbrun .pytest_cache

@@ -8,9 +8,15 @@ Public API (see kernels/README.md):
   merge_attention      exact log-sum-exp merge of key segments
 """
 
-from .dispatch import (IMPLS, decode_attention, flash_attention,
-                       lazy_decode_pv, resolve_impl)
+from .dispatch import IMPLS, decode_attention, flash_attention, lazy_decode_pv, resolve_impl
 from .reference import merge_attention, reference_attention
 
-__all__ = ["IMPLS", "decode_attention", "flash_attention", "lazy_decode_pv",
-           "merge_attention", "reference_attention", "resolve_impl"]
+__all__ = [
+    "IMPLS",
+    "decode_attention",
+    "flash_attention",
+    "lazy_decode_pv",
+    "merge_attention",
+    "reference_attention",
+    "resolve_impl",
+]

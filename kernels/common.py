@@ -12,59 +12,59 @@ POS_SEES_NOTHING = jnp.iinfo(jnp.int32).min
 
 
 def masked_kv_pos(kv_pos, kv_valid):
-  """kv positions with invalid keys moved to POS_NEVER_VISIBLE."""
-  return jnp.where(kv_valid, kv_pos, POS_NEVER_VISIBLE).astype(jnp.int32)
+    """kv positions with invalid keys moved to POS_NEVER_VISIBLE."""
+    return jnp.where(kv_valid, kv_pos, POS_NEVER_VISIBLE).astype(jnp.int32)
 
 
 def pad_axis(x, axis, multiple, value):
-  """Pads `axis` of x up to a multiple of `multiple` with `value`."""
-  extra = -x.shape[axis] % multiple
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
+    """Pads `axis` of x up to a multiple of `multiple` with `value`."""
+    extra = -x.shape[axis] % multiple
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def largest_dividing_block(n, candidates):
-  """The first of `candidates` (descending) that divides n, or None."""
-  for c in candidates:
-    if n % c == 0:
-      return c
-  return None
+    """The first of `candidates` (descending) that divides n, or None."""
+    for c in candidates:
+        if n % c == 0:
+            return c
+    return None
 
 
 def pow2_chunks(d):
-  """Power-of-two (offset, width) chunks of head_dim: 80 -> (0, 64), (64, 16).
+    """Power-of-two (offset, width) chunks of head_dim: 80 -> (0, 64), (64, 16).
 
-  Triton tiles must have power-of-two shapes; reading D=80 as a 64- and a
-  16-wide tile avoids padding (copying) the KV cache to 128.
-  """
-  chunks, offset = [], 0
-  for bit in reversed(range(d.bit_length())):
-    width = 1 << bit
-    if d & width:
-      chunks.append((offset, width))
-      offset += width
-  return tuple(chunks)
+    Triton tiles must have power-of-two shapes; reading D=80 as a 64- and a
+    16-wide tile avoids padding (copying) the KV cache to 128.
+    """
+    chunks, offset = [], 0
+    for bit in reversed(range(d.bit_length())):
+        width = 1 << bit
+        if d & width:
+            chunks.append((offset, width))
+            offset += width
+    return tuple(chunks)
 
 
 def as_stacked(layer, *caches):
-  """Views unstacked [B, S, Hkv, D] caches as 1-layer stacks (free reshape).
+    """Views unstacked [B, S, Hkv, D] caches as 1-layer stacks (free reshape).
 
-  Returns (layer int32 [1], *caches as [L, B, S, Hkv, D]) so that one kernel
-  serves both the per-layer and the stacked (read-in-place) cache.
-  """
-  if layer is None:
-    return (jnp.zeros((1,), jnp.int32), *(c[None] for c in caches))
-  return (jnp.asarray(layer, jnp.int32).reshape(1), *caches)
+    Returns (layer int32 [1], *caches as [L, B, S, Hkv, D]) so that one kernel
+    serves both the per-layer and the stacked (read-in-place) cache.
+    """
+    if layer is None:
+        return (jnp.zeros((1,), jnp.int32), *(c[None] for c in caches))
+    return (jnp.asarray(layer, jnp.int32).reshape(1), *caches)
 
 
 def probs_from_scores(scores, lse, lengths):
-  """Normalized probabilities from scaled scores and the row lse.
+    """Normalized probabilities from scaled scores and the row lse.
 
-  scores f32 [B, Hq, S] may hold garbage where a kernel did not visit
-  (keys >= lengths); those entries are replaced by 0.
-  """
-  valid = jnp.arange(scores.shape[-1])[None, None, :] < lengths[:, None, None]
-  return jnp.where(valid, jnp.exp(scores - lse[..., None]), 0.0)
+    scores f32 [B, Hq, S] may hold garbage where a kernel did not visit
+    (keys >= lengths); those entries are replaced by 0.
+    """
+    valid = jnp.arange(scores.shape[-1])[None, None, :] < lengths[:, None, None]
+    return jnp.where(valid, jnp.exp(scores - lse[..., None]), 0.0)

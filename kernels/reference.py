@@ -24,120 +24,113 @@ _HIGHEST = lax.Precision.HIGHEST
 
 
 def default_scale(head_dim: int, scale: float | None) -> float:
-  """Softmax scale: `scale` if given, else 1/sqrt(head_dim)."""
-  return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    """Softmax scale: `scale` if given, else 1/sqrt(head_dim)."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
 def safe_softmax_stats(s, axis=-1):
-  """Row max, exp and sum of f32 scores that may hold -inf (masked) entries.
+    """Row max, exp and sum of f32 scores that may hold -inf (masked) entries.
 
-  Returns (p, l, lse) with p = exp(s - m) (0 at -inf), l = sum(p) and
-  lse = m + log(l), -inf for rows whose entries are all -inf; the row max is
-  replaced by 0 there so that no -inf - -inf = NaN appears.
-  """
-  m = jnp.max(s, axis=axis, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.exp(s - m)
-  l = jnp.sum(p, axis=axis, keepdims=True)
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return p, l, jnp.squeeze(lse, axis)
+    Returns (p, l, lse) with p = exp(s - m) (0 at -inf), l = sum(p) and
+    lse = m + log(l), -inf for rows whose entries are all -inf; the row max is
+    replaced by 0 there so that no -inf - -inf = NaN appears.
+    """
+    m = jnp.max(s, axis=axis, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=axis, keepdims=True)
+    lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return p, l, jnp.squeeze(lse, axis)
 
 
-def reference_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None,
-                        return_probs=False):
-  """Position-masked GQA attention, computed directly (O(Tq*Tk) memory).
+def reference_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, return_probs=False):
+    """Position-masked GQA attention, computed directly (O(Tq*Tk) memory).
 
-  Args:
-    q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D] with Hq % Hkv == 0.
-    q_pos: int32 [B, Tq]; kv_pos: int32 [B, Tk]; kv_valid: bool [B, Tk].
-    scale: softmax scale, default 1/sqrt(D).
-    return_probs: also return the normalized probabilities.
+    Args:
+      q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D] with Hq % Hkv == 0.
+      q_pos: int32 [B, Tq]; kv_pos: int32 [B, Tk]; kv_valid: bool [B, Tk].
+      scale: softmax scale, default 1/sqrt(D).
+      return_probs: also return the normalized probabilities.
 
-  Returns:
-    (out [B, Tq, Hq, D] in q.dtype, lse f32 [B, Tq, Hq]) and, with
-    return_probs, probs f32 [B, Hq, Tq, Tk] (0 at invisible keys).
-  """
-  b, tq, hq, d = q.shape
-  hkv = k.shape[2]
-  g = hq // hkv
-  scale = default_scale(d, scale)
-  qf = q.astype(jnp.float32).reshape(b, tq, hkv, g, d)
-  s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32),
-                 precision=_HIGHEST) * scale
-  mask = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])
-  s = jnp.where(mask[:, None, None], s, -jnp.inf)
-  p, l, lse = safe_softmax_stats(s)
-  p = p / jnp.where(l > 0, l, 1.0)
-  out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32),
-                   precision=_HIGHEST)
-  out = out.reshape(b, tq, hq, d).astype(q.dtype)
-  lse = lse.reshape(b, hq, tq).transpose(0, 2, 1)
-  if return_probs:
-    return out, lse, p.reshape(b, hq, tq, -1)
-  return out, lse
+    Returns:
+      (out [B, Tq, Hq, D] in q.dtype, lse f32 [B, Tq, Hq]) and, with
+      return_probs, probs f32 [B, Hq, Tq, Tk] (0 at invisible keys).
+    """
+    b, tq, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    scale = default_scale(d, scale)
+    qf = q.astype(jnp.float32).reshape(b, tq, hkv, g, d)
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32), precision=_HIGHEST) * scale
+    mask = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    p, l, lse = safe_softmax_stats(s)
+    p = p / jnp.where(l > 0, l, 1.0)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=_HIGHEST)
+    out = out.reshape(b, tq, hq, d).astype(q.dtype)
+    lse = lse.reshape(b, hq, tq).transpose(0, 2, 1)
+    if return_probs:
+        return out, lse, p.reshape(b, hq, tq, -1)
+    return out, lse
 
 
 def merge_attention(outs, lses):
-  """Exactly combines attention computed over disjoint key segments.
+    """Exactly combines attention computed over disjoint key segments.
 
-  Each (outs[i], lses[i]) is one segment's normalized output and log-sum-exp
-  for the same queries; the result equals attention over the union of the
-  segments' keys. Shapes: outs[i] [..., D], lses[i] f32 [...] (e.g.
-  [B, Tq, Hq, D] / [B, Tq, Hq] for prefill, [B, Hq, D] / [B, Hq] for decode).
-  Segments with lse -inf (no visible key) get weight 0; if every segment is
-  empty the result is out 0, lse -inf.
+    Each (outs[i], lses[i]) is one segment's normalized output and log-sum-exp
+    for the same queries; the result equals attention over the union of the
+    segments' keys. Shapes: outs[i] [..., D], lses[i] f32 [...] (e.g.
+    [B, Tq, Hq, D] / [B, Tq, Hq] for prefill, [B, Hq, D] / [B, Hq] for decode).
+    Segments with lse -inf (no visible key) get weight 0; if every segment is
+    empty the result is out 0, lse -inf.
 
-  Returns:
-    (out in outs[0].dtype, lse f32).
-  """
-  o = jnp.stack([x.astype(jnp.float32) for x in outs])
-  lse = jnp.stack([x.astype(jnp.float32) for x in lses])
-  return merge_stacked(o, lse, axis=0, dtype=outs[0].dtype)
+    Returns:
+      (out in outs[0].dtype, lse f32).
+    """
+    o = jnp.stack([x.astype(jnp.float32) for x in outs])
+    lse = jnp.stack([x.astype(jnp.float32) for x in lses])
+    return merge_stacked(o, lse, axis=0, dtype=outs[0].dtype)
 
 
 def merge_stacked(o, lse, *, axis, dtype):
-  """`merge_attention` over one axis of stacked partial results.
+    """`merge_attention` over one axis of stacked partial results.
 
-  o has lse's shape plus a trailing D axis; also used to combine the split-K
-  partials of the decode kernels.
-  """
-  w, total, lse_out = safe_softmax_stats(lse, axis=axis)
-  w = w / jnp.where(total > 0, total, 1.0)
-  out = jnp.sum(jnp.expand_dims(w, -1) * o, axis=axis)
-  return out.astype(dtype), lse_out
+    o has lse's shape plus a trailing D axis; also used to combine the split-K
+    partials of the decode kernels.
+    """
+    w, total, lse_out = safe_softmax_stats(lse, axis=axis)
+    w = w / jnp.where(total > 0, total, 1.0)
+    out = jnp.sum(jnp.expand_dims(w, -1) * o, axis=axis)
+    return out.astype(dtype), lse_out
 
 
 def decode_reference(q, k, v, lengths, *, scale=None, return_probs=False):
-  """`reference_attention` for one query per row against keys j < lengths[b].
+    """`reference_attention` for one query per row against keys j < lengths[b].
 
-  q [B, Hq, D]; k/v [B, S, Hkv, D]; lengths int32 [B]. Returns (out [B, Hq, D],
-  lse [B, Hq]) and, with return_probs, probs f32 [B, Hq, S].
-  """
-  b, s = k.shape[:2]
-  zeros_q = jnp.zeros((b, 1), jnp.int32)
-  kv_valid = jnp.arange(s, dtype=jnp.int32)[None, :] < lengths[:, None]
-  res = reference_attention(q[:, None], k, v, zeros_q,
-                            jnp.zeros((b, s), jnp.int32), kv_valid,
-                            scale=scale, return_probs=return_probs)
-  out, lse = res[0][:, 0], res[1][:, 0]
-  return (out, lse, res[2][:, :, 0]) if return_probs else (out, lse)
+    q [B, Hq, D]; k/v [B, S, Hkv, D]; lengths int32 [B]. Returns (out [B, Hq, D],
+    lse [B, Hq]) and, with return_probs, probs f32 [B, Hq, S].
+    """
+    b, s = k.shape[:2]
+    zeros_q = jnp.zeros((b, 1), jnp.int32)
+    kv_valid = jnp.arange(s, dtype=jnp.int32)[None, :] < lengths[:, None]
+    res = reference_attention(
+        q[:, None], k, v, zeros_q, jnp.zeros((b, s), jnp.int32), kv_valid, scale=scale, return_probs=return_probs
+    )
+    out, lse = res[0][:, 0], res[1][:, 0]
+    return (out, lse, res[2][:, :, 0]) if return_probs else (out, lse)
 
 
 def lazy_pv_reference(probs, v):
-  """out[b, h] = sum_j probs[b, h, j] v[b, j, h // g] (f32 accumulation)."""
-  b, hq, s = probs.shape
-  hkv, d = v.shape[2:]
-  p = probs.astype(jnp.float32).reshape(b, hkv, hq // hkv, s)
-  out = jnp.einsum("bhgs,bshd->bhgd", p, v.astype(jnp.float32),
-                   precision=_HIGHEST)
-  return out.reshape(b, hq, d).astype(v.dtype)
+    """out[b, h] = sum_j probs[b, h, j] v[b, j, h // g] (f32 accumulation)."""
+    b, hq, s = probs.shape
+    hkv, d = v.shape[2:]
+    p = probs.astype(jnp.float32).reshape(b, hkv, hq // hkv, s)
+    out = jnp.einsum("bhgs,bshd->bhgd", p, v.astype(jnp.float32), precision=_HIGHEST)
+    return out.reshape(b, hq, d).astype(v.dtype)
 
 
 def select_layer(x, layer):
-  """x[layer] of a stacked [L, ...] cache (XLA path); x if layer is None."""
-  if layer is None:
-    return x
-  return lax.dynamic_index_in_dim(x, jnp.asarray(layer, jnp.int32), 0,
-                                  keepdims=False)
-
-
+    """x[layer] of a stacked [L, ...] cache (XLA path); x if layer is None."""
+    if layer is None:
+        return x
+    return lax.dynamic_index_in_dim(x, jnp.asarray(layer, jnp.int32), 0, keepdims=False)

@@ -48,6 +48,14 @@ class QCacheModel:
         """A schedule from any accepted form (see :func:`qcache_jax.schedule.resolve`)."""
         return sched.resolve(lazy, self.num_layers, self.path)
 
+    def resolve_lazy_and_mode(self, lazy, mode: str | None) -> tuple[tuple[bool, ...], str]:
+        """(schedule, mode): ``mode`` None takes the mode a schedule file records, else ``vla``."""
+        schedule, recorded = sched.resolve_with_mode(lazy, self.num_layers, self.path)
+        mode = mode or recorded or "vla"
+        if mode not in MODES:
+            raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+        return schedule, mode
+
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None):
         """Validate HF-style inputs; returns them as numpy arrays. Raises QCacheError naming the problem."""
         cfg = self.config
@@ -69,7 +77,9 @@ class QCacheModel:
             v = cfg.vision
             want = (v.num_channels, v.image_size, v.image_size)
             if pv.ndim != 4 or tuple(pv.shape[1:]) != want:
-                raise QCacheError(f"pixel_values must be [N, {want[0]}, {want[1]}, {want[2]}] (NCHW), got {tuple(pv.shape)}")
+                raise QCacheError(
+                    f"pixel_values must be [N, {want[0]}, {want[1]}, {want[2]}] (NCHW), got {tuple(pv.shape)}"
+                )
             expected = pv.shape[0] * cfg.image_tokens_per_image
             if n_img_tokens != expected:
                 raise QCacheError(
@@ -81,17 +91,26 @@ class QCacheModel:
             raise QCacheError(f"input_ids has {n_img_tokens} image tokens but no pixel_values were given")
         return ids.astype(np.int32), pv, mask
 
-    def logits(self, input_ids, pixel_values=None, attention_mask=None, lazy=None, mode: str = "vla", *, unroll: bool = False, attention_impl: str = "auto"):
+    def logits(
+        self,
+        input_ids,
+        pixel_values=None,
+        attention_mask=None,
+        lazy=None,
+        mode: str | None = None,
+        *,
+        unroll: bool = False,
+        attention_impl: str = "auto",
+    ):
         """Full-sequence logits [B, T, V] (float32 numpy) with HF's input conventions.
 
-        ``lazy``: a schedule in any accepted form (None = dense); ``mode``: ``vla`` or ``gla``.
+        ``lazy``: a schedule in any accepted form (None = dense); ``mode``: ``vla`` or ``gla``
+        (None: the mode a schedule file records, else ``vla``).
         """
         from .model import logits_fn
 
-        if mode not in MODES:
-            raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
-        schedule = self.resolve_lazy(lazy)
+        schedule, mode = self.resolve_lazy_and_mode(lazy, mode)
         flags = None if not any(schedule) else jnp.asarray(schedule)
         out = logits_fn(
             self.graphdef,
@@ -106,7 +125,6 @@ class QCacheModel:
         )
         return np.asarray(out)
 
-
     # -- generation ---------------------------------------------------------------------------
 
     def engine(self, attention_impl: str = "auto"):
@@ -114,7 +132,9 @@ class QCacheModel:
         from .engine import Engine
 
         if attention_impl not in self._engines:
-            self._engines[attention_impl] = Engine(self.graphdef, self.params, self.config, attention_impl=attention_impl)
+            self._engines[attention_impl] = Engine(
+                self.graphdef, self.params, self.config, attention_impl=attention_impl
+            )
         return self._engines[attention_impl]
 
     def encode(self, prompt, images=(), *, raw: bool = False):
@@ -130,7 +150,9 @@ class QCacheModel:
             templater = self.processor if self.processor is not None else self.tokenizer
             if getattr(templater, "chat_template", None) is None:
                 raise QCacheError(f"{self.path}: checkpoint has no chat template; use --raw")
-            text = templater.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+            text = templater.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
         if images:
             if self.processor is None:
                 raise QCacheError(f"{self.path}: checkpoint has no image processor, so it cannot take images")
@@ -148,7 +170,7 @@ class QCacheModel:
         pixel_values=None,
         attention_mask=None,
         lazy=None,
-        mode: str = "vla",
+        mode: str | None = None,
         max_new_tokens: int = 32,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -167,27 +189,43 @@ class QCacheModel:
         images; for a batch, one list per prompt), formatted with the chat template unless
         ``raw``; or HF-style ``input_ids`` [B, T] (image tokens expanded; padding on either side
         marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W]. Greedy when
-        ``temperature`` is 0. ``return_logits`` keeps each generated token's logits. Rows stop on EOS, at ``max_new_tokens`` or when their cache is
+        ``temperature`` is 0. ``mode`` None takes the mode a schedule file records, else ``vla``. ``return_logits`` keeps each generated token's logits. Rows stop on EOS, at ``max_new_tokens`` or when their cache is
         full; ``cache_len`` fixes the cache capacity (tokens per row), and a prompt that does not
         fit is an error.
         """
-        if mode not in MODES:
-            raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
         if max_new_tokens < 1:
             raise QCacheError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
             raise QCacheError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        schedule, mode = self.resolve_lazy_and_mode(lazy, mode)
         prompts, pv = self._prompts(prompt, images, input_ids, pixel_values, attention_mask, raw)
-        schedule = self.resolve_lazy(lazy)
-        n_img = [sum(1 for t in p if t == self.config.image_token_id) // self.config.image_tokens_per_image for p in prompts]
+        n_img = [
+            sum(1 for t in p if t == self.config.image_token_id) // self.config.image_tokens_per_image for p in prompts
+        ]
         eos = self._eos(eos_token_id)
         engine = self.engine(attention_impl)
         plan = engine.plan(
-            prompts, n_img, schedule=schedule, mode=mode, max_new_tokens=max_new_tokens, eos=eos,
-            pad_id=self._pad_id(), cache_len=cache_len, reuse_probs=gla_reuse_probs, keep_logits=return_logits,
+            prompts,
+            n_img,
+            schedule=schedule,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            eos=eos,
+            pad_id=self._pad_id(),
+            cache_len=cache_len,
+            reuse_probs=gla_reuse_probs,
+            keep_logits=return_logits,
         )
         out = engine.generate(
-            prompts, pv, n_img, plan, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+            prompts,
+            pv,
+            n_img,
+            plan,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
         )
         return GenerateResult(
             text=[self._decode(t) for t in out.token_ids],
@@ -317,7 +355,10 @@ def _load_hf_helper(kind: str, path: Path):
     """The tokenizer or processor saved with the checkpoint, or None when it has none."""
     import transformers
 
-    names = {"tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"), "processor": ("preprocessor_config.json", "processor_config.json")}
+    names = {
+        "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"),
+        "processor": ("preprocessor_config.json", "processor_config.json"),
+    }
     if not any((path / n).is_file() for n in names[kind]):
         return None
     cls = transformers.AutoTokenizer if kind == "tokenizer" else transformers.AutoProcessor
@@ -338,5 +379,9 @@ def load(ckpt_dir: str | Path) -> QCacheModel:
     cfg = read_config(path)
     params = load_params(path, cfg)
     return QCacheModel(
-        cfg, params, path=path, tokenizer=_load_hf_helper("tokenizer", path), processor=_load_hf_helper("processor", path)
+        cfg,
+        params,
+        path=path,
+        tokenizer=_load_hf_helper("tokenizer", path),
+        processor=_load_hf_helper("processor", path),
     )

@@ -28,9 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
 
-    from . import generate_cli
+    from . import calibrate_cli, generate_cli
 
     generate_cli.register(sub)
+    calibrate_cli.register(sub)
     return p
 
 

@@ -175,7 +175,9 @@ def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
     if vc.model_type not in SUPPORTED_VISION_TYPES:
         raise QCacheError(f"unsupported vision tower {vc.model_type!r}; supported: {', '.join(SUPPORTED_VISION_TYPES)}")
     if tc.model_type not in SUPPORTED_TEXT_TYPES:
-        raise QCacheError(f"unsupported text model_type {tc.model_type!r}; supported: {', '.join(SUPPORTED_TEXT_TYPES)}")
+        raise QCacheError(
+            f"unsupported text model_type {tc.model_type!r}; supported: {', '.join(SUPPORTED_TEXT_TYPES)}"
+        )
     strategy = hf.vision_feature_select_strategy
     if strategy not in ("default", "full"):
         raise QCacheError(f"unsupported vision_feature_select_strategy {strategy!r}")

@@ -34,7 +34,10 @@ _PREFIXES = (
     ("vision_tower.vision_model.", "vision_tower."),
 )
 # Stacked groups: our path prefix -> HF's per-layer key prefix.
-_STACKS = {("language_model", "layers"): "language_model.layers", ("vision_tower", "encoder", "layers"): "vision_tower.encoder.layers"}
+_STACKS = {
+    ("language_model", "layers"): "language_model.layers",
+    ("vision_tower", "encoder", "layers"): "vision_tower.encoder.layers",
+}
 
 
 def canonical_name(key: str) -> str:
@@ -185,11 +188,15 @@ def resolve_source(src: str | Path) -> Path:
 
             return Path(snapshot_download(str(src)))
         except Exception as e:
-            raise QCacheError(f"{src}: not a local directory, and the Hub download failed ({type(e).__name__})") from None
+            raise QCacheError(
+                f"{src}: not a local directory, and the Hub download failed ({type(e).__name__})"
+            ) from None
     raise QCacheError(f"{src}: no such directory")
 
 
-def convert_hf(src: str | Path, out: str | Path, dtype: str = "float32", *, force: bool = False, progress: bool = True) -> Path:
+def convert_hf(
+    src: str | Path, out: str | Path, dtype: str = "float32", *, force: bool = False, progress: bool = True
+) -> Path:
     """Convert a Hugging Face LLaVA checkpoint ``src`` into an Orbax checkpoint directory ``out``.
 
     ``dtype``: float32, bfloat16 or float16 (each tensor is cast as it is read). ``out`` must not

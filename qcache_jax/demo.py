@@ -42,6 +42,17 @@ def build_demo_checkpoint() -> Path:
 
 
 DEMO_SCHEDULE = "2-3,5-7"  # 5 of 8 layers lazy
+DEMO_CALIB = Path(".demo/calibration")
+CALIB_PROMPTS = ("what color is the circle ?", "where is the circle ?", "describe the picture .")
+
+
+def write_calibration_data(folder: Path = DEMO_CALIB, n_images: int = 6) -> Path:
+    """Generated pictures plus a prompts.txt: the folder form of `qcache calibrate --data`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_images):
+        demo_image(seed=100 + i).save(folder / f"img{i}.png")
+    (folder / "prompts.txt").write_text("\n".join(CALIB_PROMPTS) + "\n")
+    return folder
 
 
 def main() -> None:
@@ -57,17 +68,22 @@ def main() -> None:
     image = demo_image()
     enc = model.processor(
         images=[image],
-        text=[model.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}], add_generation_prompt=True
-        )],
+        text=[
+            model.processor.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                add_generation_prompt=True,
+            )
+        ],
         return_tensors="np",
     )
     logits = model.logits(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
     hf = LlavaForConditionalGeneration.from_pretrained(str(DEMO_HF)).eval()
     with torch.no_grad():
         ref = hf(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
-    print(f"\ncheckpoint {ckpt}: {model.num_layers} decoder layers, random weights (seeded), prompt of "
-          f"{enc['input_ids'].shape[1]} tokens incl. {model.config.image_tokens_per_image} image tokens")
+    print(
+        f"\ncheckpoint {ckpt}: {model.num_layers} decoder layers, random weights (seeded), prompt of "
+        f"{enc['input_ids'].shape[1]} tokens incl. {model.config.image_tokens_per_image} image tokens"
+    )
     print(f"parity: max |logits(JAX) - logits(HF PyTorch)| = {np.abs(logits - ref).max():.2e} (float32)\n")
 
     rows = []
@@ -75,18 +91,31 @@ def main() -> None:
         first = model.generate(question, [image], lazy=lazy, mode=mode, max_new_tokens=24)
         res = model.generate(question, [image], lazy=lazy, mode=mode, max_new_tokens=24)  # steady state
         rows.append((label, lazy or "none", res, first.compile_seconds))
-    print(f"{'mode':<6} {'lazy layers':<12} {'tokens':>6} {'KV bytes':>9} {'saved':>6} {'prefill ms':>10} {'tokens/s':>9} {'compile s':>9}")
+    print(
+        f"{'mode':<6} {'lazy layers':<12} {'tokens':>6} {'KV bytes':>9} {'saved':>6} {'prefill ms':>10} {'tokens/s':>9} {'compile s':>9}"
+    )
     for label, lazy, res, comp in rows:
-        print(f"{label:<6} {lazy:<12} {len(res.token_ids[0]):>6} {res.kv_cache_bytes:>9} {100 * res.kv_saved_fraction:>5.1f}% "
-              f"{res.prefill_seconds * 1e3:>10.1f} {res.decode_tokens_per_second:>9.0f} {comp:>9.1f}")
+        print(
+            f"{label:<6} {lazy:<12} {len(res.token_ids[0]):>6} {res.kv_cache_bytes:>9} {100 * res.kv_saved_fraction:>5.1f}% "
+            f"{res.prefill_seconds * 1e3:>10.1f} {res.decode_tokens_per_second:>9.0f} {comp:>9.1f}"
+        )
     with torch.no_grad():
         hf_tokens = hf.generate(**{k: torch.tensor(v) for k, v in enc.items()}, max_new_tokens=24, do_sample=False)
-    hf_tokens = hf_tokens[0, enc["input_ids"].shape[1]:].tolist()
+    hf_tokens = hf_tokens[0, enc["input_ids"].shape[1] :].tolist()
     same = "yes" if hf_tokens == rows[0][2].token_ids[0] else "NO"
     print(f"\ndense greedy tokens identical to HF PyTorch generate(do_sample=False): {same}")
     print("generated text (random weights, so the words are noise):")
     for label, _, res, _ in rows:
         print(f"  {label:<6} {res.text[0]!r}")
+
+    from .calibrate import calibrate, summary
+
+    print("\ncalibration: qcache calibrate on generated pictures, 5 of 8 layers lazy (VLA)")
+    cal = calibrate(model, write_calibration_data(), lazy_fraction=5 / 8, plot=ckpt / "schedule.png", progress=False)
+    print(summary(cal))
+    auto = model.generate(question, [image], lazy="auto", max_new_tokens=24)
+    print(f"generate --lazy auto: layers {auto.lazy_layers} ({auto.mode}), KV saved {100 * auto.kv_saved_fraction:.1f}%,"
+          f" {auto.decode_tokens_per_second:.0f} tokens/s")
     print(f"\ndone in {time.perf_counter() - t0:.1f}s")
 
 

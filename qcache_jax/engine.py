@@ -68,8 +68,18 @@ def _prefill(graphdef, plan: Plan, params, state: DecodingState, input_ids, prom
     qc, new_layers = None, []
     for i, layer in enumerate(unstack(model.language_model.layers)):
         attn, qc, cache = plan.attn.prefill(
-            layer, layer.attn_input(h), cos, sin, positions, valid, is_img, qc, layout.schedule[i],
-            state.layers[i], img_idx, txt_idx,
+            layer,
+            layer.attn_input(h),
+            cos,
+            sin,
+            positions,
+            valid,
+            is_img,
+            qc,
+            layout.schedule[i],
+            state.layers[i],
+            img_idx,
+            txt_idx,
         )
         new_layers.append(cache)
         h = layer.output(h, attn)
@@ -99,7 +109,16 @@ def _decode_step(model, plan: Plan, state: DecodingState, tokens):
     carry = None
     for i, layer in enumerate(unstack(model.language_model.layers)):
         out, carry = plan.attn.decode(
-            layer, layer.attn_input(h), cos, sin, i, layout.schedule[i], caches, state.n_img, state.n_txt, carry,
+            layer,
+            layer.attn_input(h),
+            cos,
+            sin,
+            i,
+            layout.schedule[i],
+            caches,
+            state.n_img,
+            state.n_txt,
+            carry,
             gla_block=plan.attn.mode == "gla" and i in has_block,
         )
         h = layer.output(h, out[:, None])
@@ -185,7 +204,20 @@ class Engine:
         self._compiled: dict = {}
         self._states: dict = {}
 
-    def plan(self, prompts, n_images_per_row, *, schedule, mode, max_new_tokens, eos, pad_id, cache_len=None, reuse_probs=True, keep_logits=False) -> Plan:
+    def plan(
+        self,
+        prompts,
+        n_images_per_row,
+        *,
+        schedule,
+        mode,
+        max_new_tokens,
+        eos,
+        pad_id,
+        cache_len=None,
+        reuse_probs=True,
+        keep_logits=False,
+    ) -> Plan:
         """The static shapes (buckets) and options for generating ``prompts``."""
         cfg = self.cfg
         n_prompt = max(len(p) for p in prompts)
@@ -230,7 +262,19 @@ class Engine:
         self._compiled[plan] = (cp, cd)
         return cp, cd, time.perf_counter() - t0
 
-    def generate(self, prompts, pixel_values, n_images_per_row, plan: Plan, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> GenerateOutput:
+    def generate(
+        self,
+        prompts,
+        pixel_values,
+        n_images_per_row,
+        plan: Plan,
+        *,
+        max_new_tokens,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+    ) -> GenerateOutput:
         """Generate for ``prompts`` (lists of token ids, image tokens expanded) under ``plan``."""
         layout = plan.layout
         b = layout.batch

@@ -54,7 +54,7 @@ def register(sub) -> None:
     g.add_argument("--prompt", required=True, help="the user message (the chat template is applied unless --raw)")
     g.add_argument("--image", action="append", help="an image file; repeat for several (one placeholder each)")
     g.add_argument("--lazy", default="none", help="none | auto | layer ranges like 3-7,10 | a schedule JSON path")
-    g.add_argument("--mode", default="vla", choices=["vla", "gla"])
+    g.add_argument("--mode", choices=["vla", "gla"], help="default: the mode the schedule file records, else vla")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)

@@ -117,7 +117,9 @@ class LazyAttention:
         v = layer.values(x)
         return attend(q, k, v, positions, positions, valid, impl=self.impl), qc
 
-    def prefill(self, layer, x, cos, sin, positions, valid, vis, qc, is_lazy: bool, cache: LayerCache, img_idx, txt_idx):
+    def prefill(
+        self, layer, x, cos, sin, positions, valid, vis, qc, is_lazy: bool, cache: LayerCache, img_idx, txt_idx
+    ):
         """Prompt attention plus this layer's cache segments, written from token 0 of each segment.
 
         ``img_idx`` [B, S_img] / ``txt_idx`` [B, T] are the prompt positions of each row's
@@ -130,13 +132,29 @@ class LazyAttention:
         new = LayerCache(
             # A VLA lazy layer's k equals its own keys at text positions (anchor's at image ones).
             k_img=None if cache.k_img is None else _gather(k, img_idx).astype(cache.k_img.dtype),
-            k_txt=None if cache.k_txt is None else cache.k_txt.at[:, :t].set(_gather(k, txt_idx).astype(cache.k_txt.dtype)),
+            k_txt=None
+            if cache.k_txt is None
+            else cache.k_txt.at[:, :t].set(_gather(k, txt_idx).astype(cache.k_txt.dtype)),
             v_img=_gather(v, img_idx).astype(cache.v_img.dtype),
             v_txt=cache.v_txt.at[:, :t].set(_gather(v, txt_idx).astype(cache.v_txt.dtype)),
         )
         return out, qc, new
 
-    def decode(self, layer, x, cos, sin, index: int, is_lazy: bool, caches: list, n_img, n_txt, carry: DecodeCarry | None, *, gla_block: bool):
+    def decode(
+        self,
+        layer,
+        x,
+        cos,
+        sin,
+        index: int,
+        is_lazy: bool,
+        caches: list,
+        n_img,
+        n_txt,
+        carry: DecodeCarry | None,
+        *,
+        gla_block: bool,
+    ):
         """One new (text) token per row through layer ``index``; updates ``caches[index]`` in
         place in the list and returns (attention output [B, Hq, D], carry for the next layer).
 

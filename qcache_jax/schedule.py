@@ -77,22 +77,27 @@ def load_schedule_file(path: Path, num_layers: int) -> tuple[Schedule, str | Non
 def resolve(spec, num_layers: int, ckpt_dir: Path | None = None) -> Schedule:
     """Any accepted form -> schedule: None/``none`` (dense), ``auto`` (the checkpoint's
     schedule.json), ``"3-7,10"``, a schedule JSON path, or a boolean sequence of length L."""
+    return resolve_with_mode(spec, num_layers, ckpt_dir)[0]
+
+
+def resolve_with_mode(spec, num_layers: int, ckpt_dir: Path | None = None) -> tuple[Schedule, str | None]:
+    """:func:`resolve`, plus the mode a schedule file records (None for the other forms)."""
     if spec is None:
-        return (False,) * num_layers
+        return (False,) * num_layers, None
     if isinstance(spec, str):
         s = spec.strip()
         if s.lower() in ("none", "dense", ""):
-            return (False,) * num_layers
+            return (False,) * num_layers, None
         if s.lower() == "auto":
             if ckpt_dir is None or not (Path(ckpt_dir) / SCHEDULE_FILE).is_file():
                 raise QCacheError(
                     f"--lazy auto: no {SCHEDULE_FILE} in the checkpoint; run `qcache calibrate` or give layers like 3-7,10"
                 )
-            return load_schedule_file(Path(ckpt_dir) / SCHEDULE_FILE, num_layers)[0]
+            return load_schedule_file(Path(ckpt_dir) / SCHEDULE_FILE, num_layers)
         if s.endswith(".json") or Path(s).is_file():
-            return load_schedule_file(Path(s), num_layers)[0]
-        return parse_ranges(s, num_layers)
-    return validate(list(spec), num_layers)
+            return load_schedule_file(Path(s), num_layers)
+        return parse_ranges(s, num_layers), None
+    return validate(list(spec), num_layers), None
 
 
 def describe(lazy: Schedule) -> str:

@@ -52,9 +52,7 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         end = max((info["data_offsets"][1] for info in header.values()), default=0)
         if 8 + n + end > size:
-            raise QCacheError(
-                f"{path}: truncated safetensors file ({size} bytes, the header needs {8 + n + end})"
-            )
+            raise QCacheError(f"{path}: truncated safetensors file ({size} bytes, the header needs {8 + n + end})")
         self.header, self.base = header, 8 + n
         self._mm = None
 

@@ -82,7 +82,9 @@ class VisionTower(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
         self.embeddings = CLIPEmbeddings(cfg, dtype=dtype, rngs=rngs)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.encoder = nnx.Dict(layers=stacked(cfg.num_layers, lambda r: CLIPEncoderLayer(cfg, dtype=dtype, rngs=r), rngs))
+        self.encoder = nnx.Dict(
+            layers=stacked(cfg.num_layers, lambda r: CLIPEncoderLayer(cfg, dtype=dtype, rngs=r), rngs)
+        )
         # CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads.
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.cfg = cfg

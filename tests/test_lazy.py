@@ -80,7 +80,16 @@ def test_zero_residual_construction_changes_nothing(tmp_path, rng, mode):
 
 
 def _check_decode_vs_forward(qm, ids, pv, lazy, mode, **kw):
-    res = qm.generate(input_ids=ids, pixel_values=pv, lazy=lazy, mode=mode, max_new_tokens=6, return_logits=True, eos_token_id=-1, **kw)
+    res = qm.generate(
+        input_ids=ids,
+        pixel_values=pv,
+        lazy=lazy,
+        mode=mode,
+        max_new_tokens=6,
+        return_logits=True,
+        eos_token_id=-1,
+        **kw,
+    )
     for row in range(ids.shape[0]):
         gen = res.token_ids[row]
         full = np.concatenate([ids[row], gen[:-1]])[None]
@@ -100,7 +109,15 @@ def test_gla_prob_reuse_equals_recompute(lazy_pair, rng):
     hf, qm = lazy_pair
     ids, pv = make_inputs(hf.config, 1, 5, rng)
     a = qm.generate(input_ids=ids, pixel_values=pv, lazy="1-3", mode="gla", max_new_tokens=5, return_logits=True)
-    b = qm.generate(input_ids=ids, pixel_values=pv, lazy="1-3", mode="gla", max_new_tokens=5, return_logits=True, gla_reuse_probs=False)
+    b = qm.generate(
+        input_ids=ids,
+        pixel_values=pv,
+        lazy="1-3",
+        mode="gla",
+        max_new_tokens=5,
+        return_logits=True,
+        gla_reuse_probs=False,
+    )
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose(a.logits[0], b.logits[0], atol=1e-5, rtol=0)
 
@@ -117,7 +134,11 @@ def test_kv_cache_bytes_formula(lazy_pair, rng, mode):
     hf, qm = lazy_pair
     ids, pv = make_inputs(hf.config, 1, 5, rng)
     res = qm.generate(input_ids=ids, pixel_values=pv, lazy="1-3,5", mode=mode, max_new_tokens=4)
-    layout = qm.engine().plan([ids[0].tolist()], [1], schedule=qm.resolve_lazy("1-3,5"), mode=mode, max_new_tokens=4, eos=(), pad_id=0).layout
+    layout = (
+        qm.engine()
+        .plan([ids[0].tolist()], [1], schedule=qm.resolve_lazy("1-3,5"), mode=mode, max_new_tokens=4, eos=(), pad_id=0)
+        .layout
+    )
     n_lazy, n_layers = 4, 6
     ratio = res.kv_cache_bytes / res.dense_kv_cache_bytes
     share = 1.0 if mode == "gla" else layout.image_len / (layout.image_len + layout.text_len)
@@ -153,9 +174,13 @@ def test_batch_equals_each_prompt_alone(lazy_pair, rng, lazy, mode):
     for i, r in enumerate(rows):  # left padding, as HF batches for generation
         batch[i, width - len(r) :] = r
         mask[i, width - len(r) :] = 1
-    together = qm.generate(input_ids=batch, attention_mask=mask, pixel_values=pv, lazy=lazy, mode=mode, max_new_tokens=6, eos_token_id=-1)
+    together = qm.generate(
+        input_ids=batch, attention_mask=mask, pixel_values=pv, lazy=lazy, mode=mode, max_new_tokens=6, eos_token_id=-1
+    )
     for i, r in enumerate(rows):
-        alone = qm.generate(input_ids=np.array([r]), pixel_values=pvs[i], lazy=lazy, mode=mode, max_new_tokens=6, eos_token_id=-1)
+        alone = qm.generate(
+            input_ids=np.array([r]), pixel_values=pvs[i], lazy=lazy, mode=mode, max_new_tokens=6, eos_token_id=-1
+        )
         assert together.token_ids[i] == alone.token_ids[0]
 
 
@@ -186,7 +211,9 @@ def test_no_recompile_for_new_prompts_in_bucket(lazy_pair, rng):
     before = len(compiles)
     for n_text, new in ((6, 7), (9, 3)):
         ids, pv = make_inputs(hf.config, 1, n_text, rng)
-        qm.generate(input_ids=ids, pixel_values=pv, lazy="1-2", mode="gla", max_new_tokens=new, temperature=0.7, seed=n_text)
+        qm.generate(
+            input_ids=ids, pixel_values=pv, lazy="1-2", mode="gla", max_new_tokens=new, temperature=0.7, seed=n_text
+        )
     assert len(compiles) == before, f"recompiled: {compiles[before:]}"
     assert before > 0  # the listener does see compilations
 
@@ -194,13 +221,19 @@ def test_no_recompile_for_new_prompts_in_bucket(lazy_pair, rng):
 def test_sampling_is_seeded_and_respects_top_k(lazy_pair, rng):
     hf, qm = lazy_pair
     ids, pv = make_inputs(hf.config, 1, 5, rng)
-    a = qm.generate(input_ids=ids, pixel_values=pv, temperature=1.0, seed=3, max_new_tokens=8, eos_token_id=-1, return_logits=True)
+    a = qm.generate(
+        input_ids=ids, pixel_values=pv, temperature=1.0, seed=3, max_new_tokens=8, eos_token_id=-1, return_logits=True
+    )
     b = qm.generate(input_ids=ids, pixel_values=pv, temperature=1.0, seed=3, max_new_tokens=8, eos_token_id=-1)
     assert a.token_ids == b.token_ids
-    k1 = qm.generate(input_ids=ids, pixel_values=pv, temperature=5.0, top_k=1, seed=4, max_new_tokens=8, eos_token_id=-1)
+    k1 = qm.generate(
+        input_ids=ids, pixel_values=pv, temperature=5.0, top_k=1, seed=4, max_new_tokens=8, eos_token_id=-1
+    )
     greedy = qm.generate(input_ids=ids, pixel_values=pv, max_new_tokens=8, eos_token_id=-1)
     assert k1.token_ids == greedy.token_ids
-    tiny_p = qm.generate(input_ids=ids, pixel_values=pv, temperature=5.0, top_p=1e-6, seed=4, max_new_tokens=8, eos_token_id=-1)
+    tiny_p = qm.generate(
+        input_ids=ids, pixel_values=pv, temperature=5.0, top_p=1e-6, seed=4, max_new_tokens=8, eos_token_id=-1
+    )
     assert tiny_p.token_ids == greedy.token_ids
 
 

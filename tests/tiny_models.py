@@ -67,7 +67,9 @@ def write_state_dict(sd: dict, directory: Path, fmt: str, *, shard_bytes: int | 
     import json
 
     directory.mkdir(parents=True, exist_ok=True)
-    for p in list(directory.glob("*.safetensors")) + list(directory.glob("*.bin")) + list(directory.glob("*.index.json")):
+    for p in (
+        list(directory.glob("*.safetensors")) + list(directory.glob("*.bin")) + list(directory.glob("*.index.json"))
+    ):
         p.unlink()
     if fmt == "bin":
         torch.save(sd, directory / "pytorch_model.bin")

@@ -1,0 +1,129 @@
+"""Writes the notebooks from the cell sources below (outputs stripped): edit here, then run
+``python notebooks/make_notebooks.py``. Keeping the source as Python makes diffs readable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).parent
+
+INSTALL = """\
+# Install qcache-jax when it is not importable yet (e.g. on Colab). Set QCACHE_PIP_SPEC to your
+# copy of the repository, e.g. "git+https://github.com/<owner>/<repo>.git".
+import importlib.util, os, subprocess, sys
+if importlib.util.find_spec("qcache_jax") is None:
+    spec = os.environ.get("QCACHE_PIP_SPEC")
+    if not spec:
+        raise RuntimeError("qcache_jax is not installed: set QCACHE_PIP_SPEC to the repository's pip spec")
+    subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", spec])
+"""
+
+PARAMS = """\
+# Parameters. Under test (QCACHE_NOTEBOOK_TINY=1, set by `make test`) or without a network, the
+# notebook builds a tiny random LLaVA locally; otherwise it converts HUB_ID from the Hub.
+import os
+HUB_ID = "llava-hf/llava-1.5-7b-hf"
+TINY = os.environ.get("QCACHE_NOTEBOOK_TINY") == "1"
+WORKDIR = os.path.abspath(os.environ.get("QCACHE_NOTEBOOK_DIR", "qcache_notebook_run"))
+"""
+
+DEVICES = """\
+import jax
+print("jax", jax.__version__, "| backend:", jax.default_backend())
+jax.devices()
+"""
+
+CONVERT = """\
+# Convert a checkpoint (tiny local model, or the real one from the Hub) into an Orbax checkpoint.
+import shutil
+from pathlib import Path
+from qcache_jax import convert_hf, load
+
+ckpt = Path(WORKDIR) / ("tiny-llava" if TINY else HUB_ID.replace("/", "--"))
+if not ckpt.exists():
+    if TINY:
+        from qcache_jax.testing import build_hf_llava, save_hf
+        src = save_hf(build_hf_llava(seed=0, hidden_size=64, intermediate_size=128, num_layers=8),
+                      Path(WORKDIR) / "hf-tiny", with_processor=True)
+    else:
+        src = HUB_ID
+    convert_hf(src, ckpt, dtype="float32" if TINY else "bfloat16")
+model = load(ckpt)
+print(ckpt, "|", model.num_layers, "decoder layers |", model.config.image_tokens_per_image, "tokens per image")
+"""
+
+
+def quickstart():
+    cells = [
+        new_markdown_cell(
+            "# qcache-jax quickstart\n\n"
+            "Lazy Attention with Q Cache lets more than half of an MLLM's decoder layers inherit the attention "
+            "pattern of the layer below (their *anchor*) instead of computing it: a lazy layer reuses the anchor's "
+            "queries (the Q Cache) and keys, and stores less KV cache. This notebook installs the package, shows the "
+            "accelerator JAX sees, converts a LLaVA checkpoint from Hugging Face format, and generates with dense "
+            "attention, GLA (the whole pattern inherited) and VLA (only image positions inherited), comparing KV "
+            "cache bytes and decode speed. It finishes by showing the parameter pytree and the decoding state, "
+            "whose KV arrays are really smaller for lazy layers."
+        ),
+        new_code_cell(INSTALL),
+        new_code_cell(PARAMS),
+        new_code_cell(DEVICES),
+        new_code_cell(CONVERT),
+        new_markdown_cell(
+            "## Generate: dense vs GLA vs VLA\n\nThe same question about a generated picture, three ways."
+        ),
+        new_code_cell("""\
+from qcache_jax.demo import demo_image
+image = demo_image(size=64, seed=1)
+question = "what color is the circle ?"
+lazy = "2-3,5-7" if TINY else "3-7,9-13,15-19,21-25,27-30"   # about 60-70% of the layers
+rows = []
+for label, spec, mode in [("dense", None, "vla"), ("GLA", lazy, "gla"), ("VLA", lazy, "vla")]:
+    model.generate(question, [image], lazy=spec, mode=mode, max_new_tokens=16)  # compile
+    r = model.generate(question, [image], lazy=spec, mode=mode, max_new_tokens=16)
+    rows.append((label, r))
+print(f"{'mode':<6}{'KV bytes':>12}{'saved':>8}{'prefill ms':>12}{'tokens/s':>10}  text")
+for label, r in rows:
+    print(f"{label:<6}{r.kv_cache_bytes:>12}{100 * r.kv_saved_fraction:>7.1f}%{1e3 * r.prefill_seconds:>12.1f}"
+          f"{r.decode_tokens_per_second:>10.0f}  {r.text[0][:40]!r}")
+image
+"""),
+        new_markdown_cell(
+            "## The pytrees\n\nParameters carry Hugging Face's names; decoder layers are stacked on a leading "
+            "layer axis. The decoding state holds one cache entry per layer: a GLA lazy layer has no K arrays at all "
+            "(`None`), and `q_cache` is the Q Cache (the anchor's post-RoPE queries of the last step)."
+        ),
+        new_code_cell("""\
+import jax
+def shapes(tree):
+    return jax.tree.map(lambda x: f"{x.dtype}{list(x.shape)}", tree)
+try:
+    import treescope
+    treescope.display(shapes(model.params["language_model"]))
+except ImportError:
+    print(shapes(model.params["language_model"]))
+"""),
+        new_code_cell("""\
+from qcache_jax.cache import CacheLayout, init_state, kv_cache_bytes, dense_kv_cache_bytes
+layout = CacheLayout(batch=1, image_len=model.config.image_tokens_per_image, text_len=64,
+                     schedule=model.resolve_lazy(lazy), mode="gla")
+state = jax.eval_shape(lambda: init_state(layout, model.config.text, "float32"))
+print("GLA KV bytes", kv_cache_bytes(state), "of", dense_kv_cache_bytes(layout, model.config.text, "float32"), "dense")
+shapes(state.layers[:4]), shapes(state.q_cache)
+"""),
+    ]
+    return cells
+
+
+def write(name, cells):
+    nb = new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nbformat.write(nb, HERE / name)
+
+
+if __name__ == "__main__":
+    write("01_quickstart.ipynb", quickstart())
