@@ -118,6 +118,58 @@ shapes(state.layers[:4]), shapes(state.q_cache)
     return cells
 
 
+def calibration():
+    return [
+        new_markdown_cell(
+            "# Calibration: choosing the lazy layers\n\n"
+            "Which layers may inherit their attention is chosen offline, per model, from how similar each layer's "
+            "attention is to the layer below it (Jensen-Shannon divergence of the attention rows of the last prompt "
+            "token, over calibration samples). This notebook runs `calibrate` on a handful of pictures, shows the "
+            "per-layer divergence plot with the chosen lazy blocks shaded, opens and edits the schedule JSON that "
+            "`--lazy auto` reads, and compares outputs and KV cache bytes for two schedules."
+        ),
+        new_code_cell(INSTALL),
+        new_code_cell(PARAMS),
+        new_code_cell(CONVERT),
+        new_code_cell("""\
+# Calibration data: a folder of pictures plus prompts.txt (a JSONL of {"image", "prompt"} works too).
+from qcache_jax.demo import write_calibration_data
+from qcache_jax.calibrate import calibrate, format_table, summary
+data = write_calibration_data(Path(WORKDIR) / "calibration", n_images=4)
+result = calibrate(model, data, lazy_fraction=0.6, mode="vla", plot=Path(WORKDIR) / "calibration.png", progress=False)
+print(format_table(result))
+print(summary(result))
+"""),
+        new_code_cell("""\
+from IPython.display import Image
+Image(filename=str(result.plot_path))
+"""),
+        new_markdown_cell(
+            "## Inspect and edit the schedule\n\nThe schedule is plain JSON in the checkpoint; "
+            '`lazy="auto"` reads it. Here we keep only the first lazy block, as a second schedule.'
+        ),
+        new_code_cell("""\
+import json
+schedule = json.loads(result.schedule_path.read_text())
+print("calibrated:", schedule["lazy_layers"], schedule["mode"])
+lazy = schedule["lazy_layers"]
+first_block = [l for i, l in enumerate(lazy) if l - i == lazy[0]]   # the first consecutive run
+edited = dict(schedule, lazy_layers=first_block)
+edited_path = Path(WORKDIR) / "schedule-first-block.json"
+edited_path.write_text(json.dumps(edited, indent=1))
+print("edited:    ", edited["lazy_layers"])
+"""),
+        new_code_cell("""\
+image = Path(data) / "img0.png"
+question = "what color is the circle ?"
+print(f"{'schedule':<14}{'lazy layers':<18}{'KV bytes':>10}{'saved':>8}  text")
+for label, spec in [("dense", None), ("calibrated", "auto"), ("first block", str(edited_path))]:
+    r = model.generate(question, [image], lazy=spec, max_new_tokens=12)
+    print(f"{label:<14}{str(r.lazy_layers):<18}{r.kv_cache_bytes:>10}{100 * r.kv_saved_fraction:>7.1f}%  {r.text[0][:40]!r}")
+"""),
+    ]
+
+
 def write(name, cells):
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -127,3 +179,4 @@ def write(name, cells):
 
 if __name__ == "__main__":
     write("01_quickstart.ipynb", quickstart())
+    write("02_calibration.ipynb", calibration())

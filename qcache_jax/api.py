@@ -189,33 +189,12 @@ class QCacheModel:
         images; for a batch, one list per prompt), formatted with the chat template unless
         ``raw``; or HF-style ``input_ids`` [B, T] (image tokens expanded; padding on either side
         marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W]. Greedy when
-        ``temperature`` is 0. ``mode`` None takes the mode a schedule file records, else ``vla``. ``return_logits`` keeps each generated token's logits. Rows stop on EOS, at ``max_new_tokens`` or when their cache is
-        full; ``cache_len`` fixes the cache capacity (tokens per row), and a prompt that does not
-        fit is an error.
+        ``temperature`` is 0. ``mode`` None takes the mode a schedule file records, else
+        ``vla``. ``return_logits`` keeps each generated token's logits. Rows stop on EOS, at
+        ``max_new_tokens`` or when their cache is full; ``cache_len`` fixes the cache capacity
+        (tokens per row), and a prompt that does not fit is an error.
         """
-        if max_new_tokens < 1:
-            raise QCacheError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise QCacheError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        schedule, mode = self.resolve_lazy_and_mode(lazy, mode)
-        prompts, pv = self._prompts(prompt, images, input_ids, pixel_values, attention_mask, raw)
-        n_img = [
-            sum(1 for t in p if t == self.config.image_token_id) // self.config.image_tokens_per_image for p in prompts
-        ]
-        eos = self._eos(eos_token_id)
-        engine = self.engine(attention_impl)
-        plan = engine.plan(
-            prompts,
-            n_img,
-            schedule=schedule,
-            mode=mode,
-            max_new_tokens=max_new_tokens,
-            eos=eos,
-            pad_id=self._pad_id(),
-            cache_len=cache_len,
-            reuse_probs=gla_reuse_probs,
-            keep_logits=return_logits,
-        )
+        engine, plan, prompts, pv, n_img, schedule, mode = self._setup(**_locals_for_setup(locals()))
         out = engine.generate(
             prompts,
             pv,
@@ -228,7 +207,7 @@ class QCacheModel:
             seed=seed,
         )
         return GenerateResult(
-            text=[self._decode(t) for t in out.token_ids],
+            text=[self.detokenize(t) for t in out.token_ids],
             token_ids=out.token_ids,
             prompt_token_ids=prompts,
             kv_cache_bytes=out.kv_cache_bytes,
@@ -240,6 +219,70 @@ class QCacheModel:
             mode=mode,
             logits=out.logits,
         )
+
+    def stream(self, prompt=None, images=(), **kwargs):
+        """Like :meth:`generate` (same arguments but ``return_logits``), yielding each step's
+        new token per prompt as a list (None for prompts that have finished)."""
+        unknown = set(kwargs) - set(_GENERATE_DEFAULTS) | {"return_logits"} & set(kwargs)
+        if unknown:
+            raise TypeError(f"stream() got unexpected arguments: {', '.join(sorted(unknown))}")
+        args = dict(_GENERATE_DEFAULTS, prompt=prompt, images=images, **kwargs)
+        engine, plan, prompts, pv, _, _, _ = self._setup(**_locals_for_setup(args))
+        yield from engine.stream(
+            prompts,
+            pv,
+            plan,
+            max_new_tokens=args["max_new_tokens"],
+            temperature=args["temperature"],
+            top_k=args["top_k"],
+            top_p=args["top_p"],
+            seed=args["seed"],
+        )
+
+    def _setup(
+        self,
+        *,
+        prompt,
+        images,
+        input_ids,
+        pixel_values,
+        attention_mask,
+        lazy,
+        mode,
+        max_new_tokens,
+        temperature,
+        top_p,
+        top_k,
+        raw,
+        eos_token_id,
+        cache_len,
+        attention_impl,
+        gla_reuse_probs,
+        return_logits,
+    ):
+        """Validate options and inputs; (engine, plan, prompts, pixel values, images per row, schedule, mode)."""
+        if max_new_tokens < 1:
+            raise QCacheError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise QCacheError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
+        schedule, mode = self.resolve_lazy_and_mode(lazy, mode)
+        prompts, pv = self._prompts(prompt, images, input_ids, pixel_values, attention_mask, raw)
+        per = self.config.image_tokens_per_image
+        n_img = [sum(1 for t in p if t == self.config.image_token_id) // per for p in prompts]
+        engine = self.engine(attention_impl)
+        plan = engine.plan(
+            prompts,
+            n_img,
+            schedule=schedule,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            eos=self._eos(eos_token_id),
+            pad_id=self._pad_id(),
+            cache_len=cache_len,
+            reuse_probs=gla_reuse_probs,
+            keep_logits=return_logits,
+        )
+        return engine, plan, prompts, pv, n_img, schedule, mode
 
     def _prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw):
         """Per-row prompt token lists (no padding) and the batch's pixel values."""
@@ -300,7 +343,8 @@ class QCacheModel:
             return self.tokenizer
         return getattr(self.processor, "tokenizer", None)
 
-    def _decode(self, ids) -> str | None:
+    def detokenize(self, ids) -> str | None:
+        """Text for token ids (special tokens skipped), or None without a tokenizer."""
         tok = self._tokenizer()
         return None if tok is None else tok.decode(ids, skip_special_tokens=True)
 
@@ -335,6 +379,23 @@ class GenerateResult:
                 d[k] = d[k][row]
         d["kv_saved_fraction"] = self.kv_saved_fraction
         return d
+
+
+_SETUP_ARGS = (
+    "prompt images input_ids pixel_values attention_mask lazy mode max_new_tokens temperature top_p top_k raw "
+    "eos_token_id cache_len attention_impl gla_reuse_probs return_logits"
+).split()
+
+
+def _locals_for_setup(scope: dict) -> dict:
+    return {k: scope[k] for k in _SETUP_ARGS}
+
+
+def _generate_defaults() -> dict:
+    import inspect
+
+    sig = inspect.signature(QCacheModel.generate)
+    return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def _open_image(im):
@@ -385,3 +446,6 @@ def load(ckpt_dir: str | Path) -> QCacheModel:
         tokenizer=_load_hf_helper("tokenizer", path),
         processor=_load_hf_helper("processor", path),
     )
+
+
+_GENERATE_DEFAULTS = _generate_defaults()

@@ -132,33 +132,35 @@ def _decode_step(model, plan: Plan, state: DecodingState, tokens):
     return new_state, model.head(h[:, 0])
 
 
+def _next_token(plan: Plan, logits, key, done, step, state, max_new, temperature, top_k, top_p):
+    """Each row's next token (pad for finished rows), the new key, and the rows now finished:
+    on EOS, at ``max_new`` tokens, or when the row's cache has no slot left to feed the token."""
+    key, sub = jax.random.split(key)
+    tok = jnp.where(done, plan.pad_id, sample(logits, sub, temperature, top_k, top_p))
+    eos = jnp.asarray(plan.eos if plan.eos else (-1,), jnp.int32)
+    done = done | jnp.isin(tok, eos) | (step + 1 >= max_new) | (state.n_txt >= plan.layout.text_len)
+    return tok, key, done
+
+
 def _decode_loop(graphdef, plan: Plan, params, state, logits, key, max_new, temperature, top_k, top_p, active):
-    """Sample up to ``max_new`` tokens per row.
+    """Sample up to ``max_new`` tokens per row in one ``lax.while_loop``.
 
     Returns (state, tokens [B, plan.max_new], counts [B], logits [B, plan.max_new, V] or None).
     """
     model = nnx.merge(graphdef, params)
     b = logits.shape[0]
-    eos = jnp.asarray(plan.eos if plan.eos else (-1,), jnp.int32)
-    text_cap = plan.layout.text_len
 
     def emit(step, logits, key, tokens, done, count, state, kept):
         if kept is not None:
             kept = kept.at[:, step].set(logits)
-        key, sub = jax.random.split(key)
-        tok = sample(logits, sub, temperature, top_k, top_p)
-        tok = jnp.where(done, plan.pad_id, tok)
-        tokens = tokens.at[:, step].set(tok)
         count = count + (~done).astype(jnp.int32)
-        # Stop a row on EOS, at max_new, or when its cache has no slot left to feed the token.
-        done = done | jnp.isin(tok, eos) | (step + 1 >= max_new) | (state.n_txt >= text_cap)
-        return tok, key, tokens, done, count, kept
+        tok, key, done = _next_token(plan, logits, key, done, step, state, max_new, temperature, top_k, top_p)
+        return tok, key, tokens.at[:, step].set(tok), done, count, kept
 
     tokens = jnp.full((b, plan.max_new), plan.pad_id, jnp.int32)
     kept = jnp.zeros((b, plan.max_new, logits.shape[-1]), jnp.float32) if plan.keep_logits else None
-    done = ~active
     count = jnp.zeros((b,), jnp.int32)
-    tok, key, tokens, done, count, kept = emit(0, logits, key, tokens, done, count, state, kept)
+    tok, key, tokens, done, count, kept = emit(0, logits, key, tokens, ~active, count, state, kept)
 
     def cond(c):
         step, done = c[0], c[4]
@@ -173,6 +175,14 @@ def _decode_loop(graphdef, plan: Plan, params, state, logits, key, max_new, temp
     init = (jnp.int32(1), state, tok, key, done, tokens, count, kept)
     _, state, _, _, _, tokens, count, kept = jax.lax.while_loop(cond, body, init)
     return state, tokens, count, kept
+
+
+def _stream_step(graphdef, plan: Plan, params, state, logits, key, step, max_new, temperature, top_k, top_p, done):
+    """One streamed step: sample from ``logits``, feed the tokens, return the next logits."""
+    model = nnx.merge(graphdef, params)
+    tok, key, new_done = _next_token(plan, logits, key, done, step, state, max_new, temperature, top_k, top_p)
+    state, logits = _decode_step(model, plan, state, tok)
+    return state, logits, key, tok, new_done
 
 
 @dataclasses.dataclass
@@ -262,6 +272,53 @@ class Engine:
         self._compiled[plan] = (cp, cd)
         return cp, cd, time.perf_counter() - t0
 
+    def _prepare(self, prompts, pixel_values, plan: Plan):
+        """Padded device inputs and a (reused or new) decoding state for ``plan``."""
+        layout = plan.layout
+        b = layout.batch
+        ids = np.full((b, plan.prompt_len), plan.pad_id, np.int32)
+        lens = np.ones((b,), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
+            lens[i] = len(p)
+        pv = None
+        if plan.n_images:
+            pv = np.zeros((plan.n_images, *pixel_values.shape[1:]), np.float32)
+            pv[: len(pixel_values)] = pixel_values
+            pv = jnp.asarray(pv)
+        state = self._states.pop(layout, None)
+        if state is None:
+            state = jax.jit(init_state, static_argnums=(0, 1, 2))(layout, self.cfg.text, self.dtype)
+        active = jnp.asarray(np.arange(b) < len(prompts))
+        return (self.params, state, jnp.asarray(ids), jnp.asarray(lens), pv), active
+
+    def stream(self, prompts, pixel_values, plan: Plan, *, max_new_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+        """Yield each step's tokens as a list (None for rows already finished), step by step.
+
+        A Python loop over one jitted decode step: slower than :meth:`generate`'s
+        ``lax.while_loop``, but tokens arrive as they are made (the CLI's ``--stream``).
+        """
+        args_prefill, active = self._prepare(prompts, pixel_values, plan)
+        key = jax.random.PRNGKey(seed)
+        sampling = (jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+        prefill, _, _ = self._executables(plan, args_prefill, (key, *sampling, active))
+        if (plan, "stream") not in self._compiled:
+            step = functools.partial(_stream_step, self.graphdef, plan)
+            self._compiled[(plan, "stream")] = jax.jit(step, donate_argnums=(1,))
+        step_fn = self._compiled[(plan, "stream")]
+        state, logits = prefill(*args_prefill)
+        done = ~active
+        for step in range(max_new_tokens):
+            state, logits, key, tok, new_done = step_fn(
+                self.params, state, logits, key, jnp.int32(step), *sampling, done
+            )
+            tok, was_done = np.asarray(tok), np.asarray(done)
+            yield [None if was_done[i] else int(tok[i]) for i in range(len(prompts))]
+            done = new_done
+            if bool(np.all(np.asarray(done))):
+                break
+        self._states[plan.layout] = state
+
     def generate(
         self,
         prompts,
@@ -277,31 +334,15 @@ class Engine:
     ) -> GenerateOutput:
         """Generate for ``prompts`` (lists of token ids, image tokens expanded) under ``plan``."""
         layout = plan.layout
-        b = layout.batch
-        ids = np.full((b, plan.prompt_len), plan.pad_id, np.int32)
-        lens = np.ones((b,), np.int32)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = p
-            lens[i] = len(p)
-        active = np.arange(b) < len(prompts)
-        pv = None
-        if plan.n_images:
-            shape = (plan.n_images, *pixel_values.shape[1:])
-            pv = np.zeros(shape, np.float32)
-            pv[: len(pixel_values)] = pixel_values
-            pv = jnp.asarray(pv)
-        state = self._states.pop(layout, None)
-        if state is None:
-            state = jax.jit(init_state, static_argnums=(0, 1, 2))(layout, self.cfg.text, self.dtype)
+        args_prefill, active = self._prepare(prompts, pixel_values, plan)
         scalars = (
             jax.random.PRNGKey(seed),
             jnp.int32(max_new_tokens),
             jnp.float32(temperature),
             jnp.int32(top_k),
             jnp.float32(top_p),
-            jnp.asarray(active),
+            active,
         )
-        args_prefill = (self.params, state, jnp.asarray(ids), jnp.asarray(lens), pv)
         prefill, decode, compile_s = self._executables(plan, args_prefill, scalars)
         t0 = time.perf_counter()
         state, logits = prefill(*args_prefill)

@@ -20,9 +20,7 @@ def run(args) -> int:
     from .api import load
 
     model = load(args.ckpt)
-    res = model.generate(
-        args.prompt,
-        args.image or [],
+    options = dict(
         lazy=args.lazy,
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,
@@ -32,6 +30,9 @@ def run(args) -> int:
         seed=args.seed,
         raw=args.raw,
     )
+    if args.stream and not args.json:
+        return _stream(model, args, options)
+    res = model.generate(args.prompt, args.image or [], **options)
     if args.json:
         print(json.dumps(res.to_json(row=0)))
         return 0
@@ -44,6 +45,21 @@ def run(args) -> int:
         f"lazy layers {lazy} ({res.mode}) | compile {res.compile_seconds:.1f} s]",
         file=sys.stderr if args.quiet_stats else sys.stdout,
     )
+    return 0
+
+
+def _stream(model, args, options) -> int:
+    """Print the text as tokens arrive (decoding the whole prefix each time, so multi-token
+    characters and detokenizer spacing come out right)."""
+    ids, shown = [], ""
+    for step in model.stream(args.prompt, args.image or [], **options):
+        if step[0] is None:
+            break
+        ids.append(step[0])
+        text = model.detokenize(ids) or ""
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+    print()
     return 0
 
 
@@ -62,5 +78,8 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--raw", action="store_true", help="use the prompt as is (write <image> placeholders yourself)")
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    g.add_argument(
+        "--stream", action="store_true", help="print tokens as they are generated (a Python loop over the jitted step)"
+    )
     g.add_argument("--quiet-stats", action="store_true", help="print the statistics line on stderr")
     g.set_defaults(func=run)
