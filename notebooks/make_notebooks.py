@@ -170,6 +170,80 @@ for label, spec in [("dense", None), ("calibrated", "auto"), ("first block", str
     ]
 
 
+def accelerator_benchmark():
+    return [
+        new_markdown_cell(
+            "# Benchmark on this runtime's accelerator\n\n"
+            "Measures what Lazy Attention buys on whatever JAX runs on here (CPU, GPU or TPU): decode tokens/s and "
+            "KV cache bytes for dense attention, GLA and VLA at several lazy fractions, on a model of realistic shape "
+            "with random weights built locally (LLaVA-1.5-7B dimensions with 8 decoder layers on a GPU or TPU; a "
+            "tiny model on a CPU or under test), and the largest batch that fits a memory budget for LLaVA-1.5-7B. "
+            "Sections that need hardware the runtime lacks say so and are skipped. The full, documented benchmark "
+            "behind BENCHMARKS.md is `python -m benchmarks.run`."
+        ),
+        new_code_cell(INSTALL),
+        new_code_cell(PARAMS),
+        new_code_cell(DEVICES),
+        new_code_cell('''\
+from qcache_jax import bench
+backend = jax.default_backend()
+ACCEL = backend in ("gpu", "tpu") and not TINY
+if ACCEL:
+    cfg = bench.preset_config("llava-1.5-7b", num_layers=8, dtype="bfloat16")
+    batch, image_tokens, new_tokens = 8, 576, 32
+else:
+    print(f"backend {backend!r}: running the tiny model (an accelerator runs LLaVA-1.5-7B dimensions)")
+    cfg = bench.preset_config("tiny")
+    batch, image_tokens, new_tokens = 2, cfg.image_tokens_per_image, 8
+model = bench.random_model(cfg)
+print(bench.environment())
+'''),
+        new_code_cell('''\
+L = cfg.text.num_layers
+configs = {"dense": (None, "gla")}
+for f in (0.25, 0.5, 0.7):
+    for mode in ("gla", "vla"):
+        configs[f"{mode.upper()} {f}"] = (bench.lazy_schedule(L, f), mode)
+results = bench.measure_many(model, configs, batch=batch, prompt_tokens=32, image_tokens=image_tokens,
+                             new_tokens=new_tokens, repeats=2)
+print(f"{'config':<10}{'KV bytes':>12}{'saved':>8}{'decode tok/s':>14}{'vs dense':>10}")
+for name, r in results.items():
+    print(f"{name:<10}{r['kv_cache_bytes']:>12}{100 * (1 - r['kv_cache_bytes'] / r['dense_kv_cache_bytes']):>7.1f}%"
+          f"{r['decode_tokens_per_second']:>14.1f}{r['speedup']:>9.2f}x")
+'''),
+        new_code_cell('''\
+import matplotlib.pyplot as plt
+names = list(results)
+fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+ax[0].bar(names, [results[n]["speedup"] for n in names]); ax[0].set_title("decode speed vs dense")
+ax[1].bar(names, [1 - results[n]["kv_cache_bytes"] / results[n]["dense_kv_cache_bytes"] for n in names])
+ax[1].set_title("KV cache saved (fraction)")
+for a in ax:
+    a.tick_params(axis="x", rotation=45)
+fig.tight_layout()
+'''),
+        new_markdown_cell("## Largest batch in a memory budget (LLaVA-1.5-7B, fp16, 80 GiB)\n\n"
+                          "Computed from the real cache array shapes (`jax.eval_shape`); nothing is allocated, so "
+                          "this runs anywhere."),
+        new_code_cell('''\
+big = bench.preset_config("llava-1.5-7b", dtype="float16")
+for name, (lazy, mode) in [("dense", ((False,) * 32, "gla")), ("GLA 0.7", (bench.lazy_schedule(32, 0.7), "gla")),
+                           ("VLA 0.7", (bench.lazy_schedule(32, 0.7), "vla"))]:
+    r = bench.max_batch(big, 80 * 2**30, image_tokens=576, text_tokens=128, lazy=lazy, mode=mode)
+    print(f"{name:<8} rows that fit: {r['rows']}")
+'''),
+        new_markdown_cell("## Pallas kernels\n\nOn a GPU or TPU, check the kernels against the reference and time "
+                          "them; elsewhere this is skipped."),
+        new_code_cell('''\
+if ACCEL:
+    import subprocess, sys
+    subprocess.run([sys.executable, "-m", "qcache_jax.kernels.bench"], check=True)
+else:
+    print(f"skipped: backend {backend!r} has no Pallas GPU/TPU kernels to time")
+'''),
+    ]
+
+
 def write(name, cells):
     nb = new_notebook(cells=cells)
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -180,3 +254,4 @@ def write(name, cells):
 if __name__ == "__main__":
     write("01_quickstart.ipynb", quickstart())
     write("02_calibration.ipynb", calibration())
+    write("03_accelerator_benchmark.ipynb", accelerator_benchmark())

@@ -166,75 +166,93 @@ def _median(xs):
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def measure(
+def measure(model, *, lazy=None, mode: str = "gla", **kw) -> dict:
+    """:func:`measure_many` for one configuration."""
+    return measure_many(model, {"run": (lazy, mode)}, **kw)["run"]
+
+
+def measure_many(
     model,
+    configs: dict,
     *,
     batch: int = 1,
     prompt_tokens: int = 32,
     image_tokens: int = 576,
     new_tokens: int = 32,
-    lazy=None,
-    mode: str = "gla",
     repeats: int = 3,
     seed: int = 0,
     attention_impl: str = "auto",
 ) -> dict:
-    """Time ``model.generate`` (EOS disabled, greedy) for one configuration.
+    """Time ``model.generate`` (greedy, EOS disabled) for each of ``configs`` (name ->
+    ``(lazy, mode)``) on the same inputs.
 
-    One warm-up call compiles the bucket (``compile_seconds``, and ``first_call_seconds`` for
-    the whole first call), then ``repeats`` timed calls; times are medians. Returns a flat,
-    JSON-ready dict.
+    Each configuration gets one warm-up call that compiles its bucket (``compile_seconds``;
+    ``first_call_seconds`` is the whole first call), then ``repeats`` rounds run every
+    configuration in turn (so machine noise hits all alike); times are medians. ``speedup``
+    is the median per-round ratio of decode tokens/s to the first configuration's. Returns
+    name -> flat JSON-ready dict.
     """
     if repeats < 1 or new_tokens < 2:
         raise QCacheError(f"need repeats >= 1 and --new-tokens >= 2 (got {repeats}, {new_tokens})")
     ids, pv = make_inputs(model.config, batch=batch, prompt_tokens=prompt_tokens, image_tokens=image_tokens, seed=seed)
-    schedule = model.resolve_lazy(lazy)
-    kw = dict(input_ids=ids, pixel_values=pv, lazy=schedule, mode=mode, max_new_tokens=new_tokens, eos_token_id=-1,
-              attention_impl=attention_impl)
-    t0 = time.perf_counter()
-    first = model.generate(**kw)
-    first_call = time.perf_counter() - t0
-    prefill, tps, wall = [], [], []
-    for _ in range(repeats):
+    per = model.config.image_tokens_per_image
+    kw, info = {}, {}
+    for name, (lazy, mode) in configs.items():
+        schedule = model.resolve_lazy(lazy)
+        kw[name] = dict(input_ids=ids, pixel_values=pv, lazy=schedule, mode=mode, max_new_tokens=new_tokens, eos_token_id=-1,
+                        attention_impl=attention_impl)
         t0 = time.perf_counter()
-        r = model.generate(**kw)
-        wall.append(time.perf_counter() - t0)
-        if r.compile_seconds:  # pragma: no cover - would mean the bucket was evicted
-            raise RuntimeError("generate recompiled during the timed repeats")
-        prefill.append(r.prefill_seconds)
-        tps.append(r.decode_tokens_per_second)
-    n_lazy = sum(schedule)
-    layout = model.engine(attention_impl).plan(
-        r.prompt_token_ids, [image_tokens // model.config.image_tokens_per_image] * batch, schedule=schedule, mode=mode,
-        max_new_tokens=new_tokens, eos=(-1,), pad_id=0,
-    ).layout
-    tok_s = _median(tps)
-    return {
-        "batch": batch,
-        "prompt_tokens": prompt_tokens,
-        "image_tokens": image_tokens,
-        "new_tokens": new_tokens,
-        "mode": "dense" if n_lazy == 0 else mode,
-        "lazy_layers": [i for i, f in enumerate(schedule) if f],
-        "n_lazy": n_lazy,
-        "num_layers": len(schedule),
-        "lazy_fraction": n_lazy / len(schedule),
-        "cache_rows": layout.batch,
-        "cache_image_len": layout.image_len,
-        "cache_text_len": layout.text_len,
-        "kv_cache_bytes": r.kv_cache_bytes,
-        "dense_kv_cache_bytes": r.dense_kv_cache_bytes,
-        "kv_saved_fraction": r.kv_saved_fraction,
-        "compile_seconds": first.compile_seconds,
-        "first_call_seconds": first_call,
-        "prefill_seconds": _median(prefill),
-        "decode_tokens_per_second": tok_s,
-        "decode_ms_per_step": 1e3 * batch / tok_s if tok_s else float("nan"),
-        "generate_seconds": _median(wall),
-        "repeats": repeats,
-        "tokens_generated": [len(t) for t in r.token_ids],
-        **environment(),
-    }
+        first = model.generate(**kw[name])
+        layout = model.engine(attention_impl).plan(
+            first.prompt_token_ids, [image_tokens // per] * batch, schedule=schedule, mode=mode,
+            max_new_tokens=new_tokens, eos=(-1,), pad_id=model._pad_id(),
+        ).layout
+        info[name] = dict(schedule=schedule, first=first, first_call=time.perf_counter() - t0, layout=layout, runs=[])
+    for _ in range(repeats):
+        for name in configs:
+            t0 = time.perf_counter()
+            r = model.generate(**kw[name])
+            wall = time.perf_counter() - t0
+            if r.compile_seconds:  # pragma: no cover - would mean the bucket was evicted
+                raise RuntimeError("generate recompiled during the timed repeats")
+            info[name]["runs"].append((r, wall))
+    base = next(iter(configs))
+    out = {}
+    for name, d in info.items():
+        runs, schedule, layout = d["runs"], d["schedule"], d["layout"]
+        r = runs[-1][0]
+        n_lazy = sum(schedule)
+        tok_s = _median([x.decode_tokens_per_second for x, _ in runs])
+        out[name] = {
+            "batch": batch,
+            "prompt_tokens": prompt_tokens,
+            "image_tokens": image_tokens,
+            "new_tokens": new_tokens,
+            "mode": "dense" if n_lazy == 0 else configs[name][1],
+            "lazy_layers": [i for i, f in enumerate(schedule) if f],
+            "n_lazy": n_lazy,
+            "num_layers": len(schedule),
+            "lazy_fraction": n_lazy / len(schedule),
+            "cache_rows": layout.batch,
+            "cache_image_len": layout.image_len,
+            "cache_text_len": layout.text_len,
+            "kv_cache_bytes": r.kv_cache_bytes,
+            "dense_kv_cache_bytes": r.dense_kv_cache_bytes,
+            "kv_saved_fraction": r.kv_saved_fraction,
+            "compile_seconds": d["first"].compile_seconds,
+            "first_call_seconds": d["first_call"],
+            "prefill_seconds": _median([x.prefill_seconds for x, _ in runs]),
+            "decode_tokens_per_second": tok_s,
+            "decode_ms_per_step": 1e3 * batch / tok_s if tok_s else float("nan"),
+            "generate_seconds": _median([w for _, w in runs]),
+            "speedup": _median([x.decode_tokens_per_second / y.decode_tokens_per_second
+                                for (x, _), (y, _) in zip(runs, info[base]["runs"])]),
+            "repeats": repeats,
+            "tokens_generated": [len(t) for t in r.token_ids],
+            "token_ids": r.token_ids,
+            **environment(),
+        }
+    return out
 
 
 # -- memory budget -----------------------------------------------------------------------------
@@ -343,3 +361,207 @@ def hf_generate_times(hf_model, input_ids, pixel_values, *, new_tokens: int, rep
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+# -- decode-only timing on the engine's compiled executables ------------------------------------
+
+
+class DecodeBench:
+    """Decode throughput of one configuration at batch ``batch``, without re-running prefill.
+
+    Uses the engine's own compiled prefill/decode (``Engine._executables``, the ones
+    ``generate`` runs). The prompt is the same in every row, so the decoding state after a
+    batch-1 prefill, repeated ``batch`` times, is exactly the state a batch-``batch`` prefill
+    would produce; each :meth:`run` feeds a fresh copy of it to the compiled ``lax.while_loop``
+    decode (the state is donated) and returns tokens/s. This keeps a long-prompt, large-batch
+    decode measurement affordable on a CPU (the prefill of batch x 2.9k tokens would dominate).
+    """
+
+    def __init__(self, model, *, batch: int, prompt_tokens: int, image_tokens: int, new_tokens: int, lazy=None,
+                 mode: str = "gla", seed: int = 0, attention_impl: str = "auto", share: "DecodeBench | None" = None,
+                 prefill_repeats: int = 1, state: str = "prefill"):
+        """``share``: a bench of the same model, inputs and schedule at another batch whose
+        batch-1 prefill state is reused. ``prefill_repeats``: timed batch-1 prefills (median).
+        ``state="synthetic"`` skips the prefill (its compile and its run): the decode starts from
+        a state of exactly the post-prefill shapes and lengths filled with random keys/values
+        (decode cost does not depend on the cache contents), and only the engine's decode
+        executable is compiled (``jax.jit`` of the engine's ``_decode_loop`` for the same plan)."""
+        if state not in ("prefill", "synthetic"):
+            raise ValueError(f"state must be 'prefill' or 'synthetic', got {state!r}")
+        self.state_kind = state
+        from .cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
+
+        self.model, self.batch, self.new_tokens = model, batch, new_tokens
+        self.schedule = model.resolve_lazy(lazy)
+        self.mode = mode if any(self.schedule) else "dense"
+        ids, pv = make_inputs(model.config, batch=1, prompt_tokens=prompt_tokens, image_tokens=image_tokens, seed=seed)
+        engine = model.engine(attention_impl)
+        prompts = [ids[0].tolist()]
+        n_img = [image_tokens // model.config.image_tokens_per_image]
+        plan_kw = dict(schedule=self.schedule, mode=mode, max_new_tokens=new_tokens, eos=(-1,), pad_id=model._pad_id())
+        plan1 = engine.plan(prompts, n_img, **plan_kw)
+        plan = engine.plan(prompts * batch, n_img * batch, **plan_kw)
+        assert plan.layout.image_len == plan1.layout.image_len and plan.layout.text_len == plan1.layout.text_len
+        self.layout = plan.layout
+        b = plan.layout.batch  # the batch bucket (a power of two >= batch)
+
+        def scalars(rows, active):
+            return (jax.random.PRNGKey(0), jnp.int32(new_tokens), jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0),
+                    jnp.asarray(np.arange(rows) < active))
+
+        def prefill_args(p):
+            rows = p.layout.batch
+            st = jax.eval_shape(lambda: init_state(p.layout, model.config.text, engine.dtype))
+            pv_ = None if not p.n_images else jax.ShapeDtypeStruct((p.n_images, *pv.shape[1:]), jnp.float32)
+            return (model.params, st, jax.ShapeDtypeStruct((rows, p.prompt_len), jnp.int32),
+                    jax.ShapeDtypeStruct((rows,), jnp.int32), pv_)
+
+        self.scalars = scalars(b, batch)
+        self.plan1 = plan1
+        if state == "synthetic":
+            self._synthetic(engine, plan, prompts[0], image_tokens)
+            return
+        prefill1, _, c1 = engine._executables(plan1, prefill_args(plan1), scalars(plan1.layout.batch, 1))
+        _, self.decode, cb = engine._executables(plan, prefill_args(plan), self.scalars)
+        self.compile_seconds = c1 + cb
+        # The batch-1 prefill, exactly as Engine.generate feeds it (padded ids, lengths, images).
+        ids1 = np.full((1, plan1.prompt_len), plan1.pad_id, np.int32)
+        ids1[0, : len(prompts[0])] = prompts[0]
+        pv1 = None
+        if plan1.n_images:
+            pv1 = np.zeros((plan1.n_images, *pv.shape[1:]), np.float32)
+            pv1[: len(pv)] = pv
+            pv1 = jnp.asarray(pv1)
+        if share is not None and share.plan1 == plan1:
+            self.state1, self.logits1, self.prefill_seconds_b1 = share.state1, share.logits1, share.prefill_seconds_b1
+        else:
+            times = []
+            for _ in range(max(1, prefill_repeats)):
+                state0 = jax.jit(init_state, static_argnums=(0, 1, 2))(plan1.layout, model.config.text, engine.dtype)
+                jax.block_until_ready(state0)
+                t0 = time.perf_counter()
+                self.state1, self.logits1 = prefill1(
+                    model.params, state0, jnp.asarray(ids1), jnp.asarray([len(prompts[0])], np.int32), pv1
+                )
+                jax.block_until_ready(self.logits1)
+                times.append(time.perf_counter() - t0)
+            self.prefill_seconds_b1 = _median(times)
+        self.kv_cache_bytes = kv_cache_bytes(self.state1) * b
+        self.dense_kv_cache_bytes = dense_kv_cache_bytes(plan.layout, model.config.text, engine.dtype)
+        self.times: list[float] = []
+        self.tokens = None
+
+    def _synthetic(self, engine, plan, prompt, image_tokens):
+        import functools
+
+        from . import engine as engine_mod
+        from .cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
+
+        model, b = self.model, plan.layout.batch
+        n_img, n_txt = image_tokens, len(prompt) - image_tokens
+
+        @jax.jit
+        def make(key):
+            st = init_state(plan1_layout, model.config.text, engine.dtype)
+            leaves, tree = jax.tree.flatten(st.layers)
+            keys = jax.random.split(key, 3)
+            # One random slab per segment shape, shared by every layer (cheap to draw).
+            slabs = {x.shape: jax.random.normal(keys[i % 2], x.shape, x.dtype) for i, x in enumerate(leaves)}
+            st.layers = jax.tree.unflatten(tree, [slabs[x.shape] + 0 for x in leaves])
+            st.n_img = jnp.full_like(st.n_img, n_img)
+            st.n_txt = jnp.full_like(st.n_txt, n_txt)
+            st.positions = jnp.full_like(st.positions, len(prompt))
+            return st, jax.random.normal(keys[-1], (1, model.config.text.vocab_size), jnp.float32)
+
+        plan1_layout = self.plan1.layout
+        self.state1, self.logits1 = make(jax.random.PRNGKey(1))
+        t0 = time.perf_counter()
+        fn = jax.jit(functools.partial(engine_mod._decode_loop, engine.graphdef, plan), donate_argnums=(1,))
+        st_shape, lg_shape = jax.eval_shape(self._tiled)
+        self.decode = fn.lower(model.params, st_shape, lg_shape, *self.scalars).compile()
+        self.compile_seconds = time.perf_counter() - t0
+        self.prefill_seconds_b1 = float("nan")
+        self.kv_cache_bytes = kv_cache_bytes(self.state1) * b
+        self.dense_kv_cache_bytes = dense_kv_cache_bytes(plan.layout, model.config.text, engine.dtype)
+        self.times = []
+        self.tokens = None
+
+    def _tiled(self):
+        b = self.layout.batch
+        return jax.tree.map(lambda x: jnp.repeat(x, b, axis=0), (self.state1, self.logits1))
+
+    def run(self) -> float:
+        """One timed decode of ``new_tokens`` tokens per row; returns tokens/s (also kept)."""
+        state, logits = self._tiled()
+        jax.block_until_ready((state, logits))
+        t0 = time.perf_counter()
+        _, tokens, counts, _ = self.decode(self.model.params, state, logits, *self.scalars)
+        tokens = np.asarray(tokens)
+        dt = time.perf_counter() - t0
+        counts = np.asarray(counts)[: self.batch]
+        self.tokens = [tokens[i, : counts[i]].tolist() for i in range(self.batch)]
+        n = int(sum(max(c - 1, 0) for c in counts))  # as Engine.generate counts: the first token is prefill's
+        self.times.append(dt)
+        return n / dt
+
+    def summary(self) -> dict:
+        n = self.batch * (self.new_tokens - 1)
+        tps = [n / t for t in self.times]
+        return {
+            "batch": self.batch,
+            "mode": self.mode,
+            "n_lazy": sum(self.schedule),
+            "num_layers": len(self.schedule),
+            "lazy_layers": [i for i, f in enumerate(self.schedule) if f],
+            "cache_rows": self.layout.batch,
+            "cache_image_len": self.layout.image_len,
+            "cache_text_len": self.layout.text_len,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "dense_kv_cache_bytes": self.dense_kv_cache_bytes,
+            "kv_saved_fraction": 1 - self.kv_cache_bytes / self.dense_kv_cache_bytes,
+            "compile_seconds": self.compile_seconds,
+            "decode_tokens_per_second": _median(tps),
+            "decode_ms_per_step": 1e3 * _median(self.times) / (self.new_tokens - 1),
+            "decode_runs": len(self.times),
+            "decode_state": self.state_kind,
+            "prefill_seconds_batch1": self.prefill_seconds_b1,
+        }
+
+
+def compare_decode(benches: dict, rounds: int = 5, baseline: str | None = None, warmup: bool = True) -> dict:
+    """Round-robin ``rounds`` decode runs over ``benches`` (name -> DecodeBench), so machine
+    noise hits every configuration alike. Adds ``speedup``: the median over rounds of the
+    per-round tokens/s ratio to ``baseline`` (default: the first entry)."""
+    names = list(benches)
+    baseline = baseline or names[0]
+    for b in benches.values() if warmup else ():  # one untimed run each (first-run allocation effects)
+        b.run()
+        b.times.clear()
+    per_round = {n: [] for n in names}
+    for _ in range(rounds):
+        for n in names:
+            per_round[n].append(benches[n].run())
+    out = {}
+    for n in names:
+        s = benches[n].summary()
+        s["speedup_rounds"] = [a / b for a, b in zip(per_round[n], per_round[baseline])]
+        s["speedup"] = _median(s["speedup_rounds"])
+        out[n] = s
+    return out
+
+
+def image_capacity(cfg: LlavaConfig, image_tokens: int) -> int:
+    """The visual-segment capacity the engine allocates for ``image_tokens`` per row (the image
+    count is bucketed to a power of two)."""
+    from .engine import bucket
+
+    n = image_tokens // cfg.image_tokens_per_image
+    return (bucket(n, 1) if n else 0) * cfg.image_tokens_per_image
+
+
+def bucket_text(prompt_tokens: int, new_tokens: int) -> int:
+    """The text-segment capacity the engine allocates for :func:`make_inputs` prompts (BOS +
+    ``prompt_tokens``) and ``new_tokens``."""
+    from .engine import bucket
+
+    return bucket(1 + prompt_tokens) + bucket(new_tokens)

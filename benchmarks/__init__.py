@@ -1,0 +1,1 @@
+"""Benchmark scripts: `python -m benchmarks.run` writes BENCHMARKS.md and benchmarks/plots/."""
