@@ -28,11 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_cmd_convert)
 
-    from . import bench_cli, calibrate_cli, generate_cli
+    from . import bench_cli, calibrate_cli, generate_cli, train_cli
 
     generate_cli.register(sub)
     calibrate_cli.register(sub)
     bench_cli.register(sub)
+    train_cli.register(sub)
     return p
 
 

@@ -1,7 +1,7 @@
-"""``make demo``: build a small random LLaVA locally, convert it, and run it against Hugging Face.
-
-No download: the model is constructed with transformers from a fixed seed and saved under
-.demo/, converted into checkpoints/tiny-random-llava, then run on a generated image.
+"""``make demo``: the shipped trained model answering questions with dense, GLA and VLA attention,
+its accuracy / KV / speed table, a converter parity check and calibration. No download: the
+trained checkpoints ship in checkpoints/, the random-weight model is built with transformers
+from a fixed seed under .demo/ and converted into checkpoints/tiny-random-llava.
 """
 
 from __future__ import annotations
@@ -55,68 +55,103 @@ def write_calibration_data(folder: Path = DEMO_CALIB, n_images: int = 6) -> Path
     return folder
 
 
+SHIPPED = Path("checkpoints/vqa-demo")  # trained here by `qcache train-demo` (benchmarks/retention.py tunes the rest)
+TUNED = {"gla": Path("checkpoints/vqa-demo-gla"), "vla": Path("checkpoints/vqa-demo-vla")}
+EVAL_EXAMPLES = 64
+
+
+def _answers_side_by_side(models: dict, n: int = 6) -> None:
+    from .vqa_data import split
+
+    print(f"{'question':<34} {'truth':<10}" + "".join(f"{name:<14}" for name in models))
+    for ex in split("test", n):
+        answers = []
+        for model, lazy, mode in models.values():
+            res = model.generate(ex.question, [ex.image], lazy=lazy, mode=mode, max_new_tokens=8)
+            answers.append(res.text[0].strip())
+        print(f"{ex.question:<34} {ex.answer:<10}" + "".join(f"{a:<14}" for a in answers))
+
+
+def _accuracy_table(models: dict, data: Path) -> None:
+    from .evaluate import evaluate
+
+    results = {name: evaluate(m, data, lazy=lazy, mode=mode) for name, (m, lazy, mode) in models.items()}
+    dense = results["dense"]
+    print(f"\n{'config':<22} {'lazy layers':<12} {'accuracy':>8} {'of dense':>9} {'KV saved':>9} {'decode tok/s':>13}")
+    for name, r in results.items():
+        lazy = ",".join(map(str, r.lazy_layers)) or "none"
+        print(
+            f"{name:<22} {lazy:<12} {r.accuracy:>8.3f} {100 * r.accuracy / dense.accuracy:>8.1f}% "
+            f"{100 * r.kv_saved_fraction:>8.1f}% {r.decode_tokens_per_second:>13.0f}"
+        )
+
+
 def main() -> None:
+    """The trained demo model answering questions dense, GLA and VLA; the random-weight
+    model's parity against Hugging Face; calibration; all on this machine, no download."""
     import torch
     from transformers import LlavaForConditionalGeneration
 
     from . import load
+    from .vqa_data import split, write_jsonl
 
     t0 = time.perf_counter()
+    dense = load(SHIPPED)
+    tuned = {mode: load(path) for mode, path in TUNED.items()}
+    print(
+        f"{SHIPPED}: a LLaVA-architecture model (CLIP tower + {dense.num_layers}-layer Llama decoder) trained here on "
+        "synthetic pictures; the GLA/VLA checkpoints were fine-tuned with their lazy schedule on (schedule.json).\n"
+    )
+    models = {
+        "dense": (dense, None, "vla"),
+        "GLA tuned": (tuned["gla"], "auto", "gla"),
+        "VLA tuned": (tuned["vla"], "auto", "vla"),
+    }
+    _answers_side_by_side(models)
+    schedule = tuned["gla"].resolve_lazy("auto")
+    models["GLA training-free"] = (dense, schedule, "gla")
+    models["VLA training-free"] = (dense, schedule, "vla")
+    data = write_jsonl(Path(".demo/vqa-test"), split("test", EVAL_EXAMPLES))
+    print(f"\naccuracy on {EVAL_EXAMPLES} test questions (exact match, greedy), KV cache saved, decode speed:")
+    _accuracy_table(models, data)
+    print("(the full retention table at several lazy fractions: RETENTION.md, `python benchmarks/retention.py`)")
+
+    # The converter path on a random-weight model: HF PyTorch -> Orbax -> same logits and tokens.
     ckpt = build_demo_checkpoint()
     model = load(ckpt)
-    question = "what color is the circle ?"
-    image = demo_image()
-    enc = model.processor(
-        images=[image],
-        text=[
-            model.processor.apply_chat_template(
-                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-                add_generation_prompt=True,
-            )
-        ],
-        return_tensors="np",
+    question, image = "what color is the circle ?", demo_image()
+    prompt = model.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+        add_generation_prompt=True,
     )
-    logits = model.logits(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    enc = model.processor(images=[image], text=[prompt], return_tensors="np")
     hf = LlavaForConditionalGeneration.from_pretrained(str(DEMO_HF)).eval()
     with torch.no_grad():
         ref = hf(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+        hf_tokens = hf.generate(**{k: torch.tensor(v) for k, v in enc.items()}, max_new_tokens=16, do_sample=False)
+    logits = model.logits(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    ours = model.generate(question, [image], max_new_tokens=16)
+    same = hf_tokens[0, enc["input_ids"].shape[1] :].tolist() == ours.token_ids[0]
+    print(f"\nconverter check on {ckpt} (random weights, built locally with transformers and converted):")
     print(
-        f"\ncheckpoint {ckpt}: {model.num_layers} decoder layers, random weights (seeded), prompt of "
-        f"{enc['input_ids'].shape[1]} tokens incl. {model.config.image_tokens_per_image} image tokens"
+        f"  max |logits(JAX) - logits(HF PyTorch)| = {np.abs(logits - ref).max():.2e} (float32); "
+        f"greedy tokens identical to HF generate: {'yes' if same else 'NO'}"
     )
-    print(f"parity: max |logits(JAX) - logits(HF PyTorch)| = {np.abs(logits - ref).max():.2e} (float32)\n")
-
-    rows = []
-    for label, lazy, mode in (("dense", None, "vla"), ("GLA", DEMO_SCHEDULE, "gla"), ("VLA", DEMO_SCHEDULE, "vla")):
-        first = model.generate(question, [image], lazy=lazy, mode=mode, max_new_tokens=24)
-        res = model.generate(question, [image], lazy=lazy, mode=mode, max_new_tokens=24)  # steady state
-        rows.append((label, lazy or "none", res, first.compile_seconds))
-    print(
-        f"{'mode':<6} {'lazy layers':<12} {'tokens':>6} {'KV bytes':>9} {'saved':>6} {'prefill ms':>10} {'tokens/s':>9} {'compile s':>9}"
-    )
-    for label, lazy, res, comp in rows:
-        print(
-            f"{label:<6} {lazy:<12} {len(res.token_ids[0]):>6} {res.kv_cache_bytes:>9} {100 * res.kv_saved_fraction:>5.1f}% "
-            f"{res.prefill_seconds * 1e3:>10.1f} {res.decode_tokens_per_second:>9.0f} {comp:>9.1f}"
-        )
-    with torch.no_grad():
-        hf_tokens = hf.generate(**{k: torch.tensor(v) for k, v in enc.items()}, max_new_tokens=24, do_sample=False)
-    hf_tokens = hf_tokens[0, enc["input_ids"].shape[1] :].tolist()
-    same = "yes" if hf_tokens == rows[0][2].token_ids[0] else "NO"
-    print(f"\ndense greedy tokens identical to HF PyTorch generate(do_sample=False): {same}")
-    print("generated text (random weights, so the words are noise):")
-    for label, _, res, _ in rows:
-        print(f"  {label:<6} {res.text[0]!r}")
 
     from .calibrate import calibrate, summary
 
-    print("\ncalibration: qcache calibrate on generated pictures, 5 of 8 layers lazy (VLA)")
-    cal = calibrate(model, write_calibration_data(), lazy_fraction=5 / 8, plot=ckpt / "schedule.png", progress=False)
-    print(summary(cal))
-    auto = model.generate(question, [image], lazy="auto", max_new_tokens=24)
-    print(f"generate --lazy auto: layers {auto.lazy_layers} ({auto.mode}), KV saved {100 * auto.kv_saved_fraction:.1f}%,"
-          f" {auto.decode_tokens_per_second:.0f} tokens/s")
-    print(f"\ndone in {time.perf_counter() - t0:.1f}s")
+    print("\ncalibration of the trained model (qcache calibrate) on generated pictures, 5 of 8 layers:")
+    cal = calibrate(
+        dense,
+        write_calibration_data(),
+        lazy_fraction=5 / 8,
+        out=Path(".demo/schedule.json"),
+        plot=Path(".demo/schedule.png"),
+        progress=False,
+    )
+    print("  " + summary(cal).replace("\n", "\n  "))
+    print(f"  wrote {cal.schedule_path} and {cal.plot_path}")
+    print(f"\ndone in {time.perf_counter() - t0:.0f}s")
 
 
 if __name__ == "__main__":

@@ -13,17 +13,33 @@ from flax import nnx
 _INIT_STD = 0.02
 
 
+def _gelu_exact(x):
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _gelu_tanh(x):
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+# Module-level functions (not lambdas made per call): modules hold them, so two models built
+# from the same config must get the same objects for their graphdefs to compare equal.
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "gelu": _gelu_exact,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": jax.nn.relu,
+}
+
+
 def activation(name: str):
     """The activation function HF calls ``name`` (``ACT2FN``), exactly, not an approximation."""
-    table = {
-        "silu": jax.nn.silu,
-        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-        "relu": jax.nn.relu,
-    }
-    return table[name]
+    return _ACTIVATIONS[name]
 
 
 class Linear(nnx.Module):

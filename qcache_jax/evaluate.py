@@ -1,0 +1,209 @@
+"""Visual QA accuracy of a checkpoint on a JSONL file, with dense, GLA or VLA attention.
+
+The file format (one JSON object per line, blank lines skipped)::
+
+    {"image": "images/00001.png", "question": "what color is the shape ?", "answer": "red"}
+
+``image`` is a path (relative paths resolve against the JSONL file's folder); extra keys (such as
+``kind``, used to report per-kind accuracy) are allowed. Every line and image is checked before
+anything runs; problems raise :class:`~qcache_jax.errors.QCacheError` naming the file and line.
+
+Scoring: batched greedy generation through the chat template (the same path as
+``qcache generate``), then exact match after normalisation (lowercase, whitespace collapsed,
+punctuation stripped). The yes/no accuracy covers the lines whose answer is ``yes`` or ``no``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from .errors import QCacheError
+from .lazy_attention import MODES
+from .vqa_data import Example, normalize_answer
+
+FIELDS = ("image", "question", "answer")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    image: Path
+    question: str
+    answer: str
+    kind: str | None
+    source: str  # "file:line", for error messages
+
+
+def load_records(path) -> list[Record]:
+    """The checked lines of an evaluation JSONL file (images exist and are readable)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise QCacheError(f"{path}: evaluation file not found")
+    if p.is_dir():
+        raise QCacheError(f"{path}: is a directory; expected a JSONL file of {{\"image\", \"question\", \"answer\"}} lines")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QCacheError(f"{path}: not a text file (expected JSONL)") from None
+    except OSError as e:
+        raise QCacheError(f"{path}: cannot read ({e.strerror})") from None
+    records = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QCacheError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise QCacheError(f'{where}: expected a JSON object {{"image": path, "question": text, "answer": text}}')
+        for field in FIELDS:
+            if field not in obj:
+                raise QCacheError(f"{where}: missing field {field!r} (each line needs {', '.join(FIELDS)})")
+            if not isinstance(obj[field], str) or (field != "answer" and not obj[field].strip()):
+                raise QCacheError(f"{where}: field {field!r} must be a non-empty string")
+        kind = obj.get("kind")
+        records.append(Record(p.parent / Path(obj["image"]).expanduser(), obj["question"], obj["answer"], kind if isinstance(kind, str) else None, where))
+    if not records:
+        raise QCacheError(f"{path}: no examples (empty file)")
+    for r in records:
+        _check_image(r)
+    return records
+
+
+def _check_image(r: Record) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    if not r.image.is_file():
+        raise QCacheError(f"{r.source}: image {r.image} not found")
+    try:
+        with Image.open(r.image) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise QCacheError(f"{r.source}: cannot read image {r.image} ({e})") from None
+
+
+def load_examples(path) -> list[Example]:
+    """The file's lines as :class:`~qcache_jax.vqa_data.Example` objects (images opened), for training."""
+    from PIL import Image
+
+    out = []
+    for r in load_records(path):
+        with Image.open(r.image) as im:
+            image = im.convert("RGB")
+        out.append(Example(image, r.question, r.answer, r.kind or "", {}))
+    return out
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """Accuracy (exact match), yes/no accuracy (None without yes/no lines), per-kind accuracy,
+    the predictions, and the generation statistics of the run."""
+
+    n: int
+    correct: int
+    accuracy: float
+    yes_no_n: int
+    yes_no_accuracy: float | None
+    per_kind: dict
+    lazy_layers: list
+    mode: str
+    kv_cache_bytes: int
+    dense_kv_cache_bytes: int
+    decode_tokens_per_second: float
+    seconds: float
+    predictions: list = dataclasses.field(repr=False, default_factory=list)
+
+    @property
+    def kv_saved_fraction(self) -> float:
+        return 1.0 - self.kv_cache_bytes / self.dense_kv_cache_bytes if self.dense_kv_cache_bytes else 0.0
+
+    def to_json(self, with_predictions: bool = False) -> dict:
+        d = dataclasses.asdict(self)
+        if not with_predictions:
+            d.pop("predictions")
+        d["kv_saved_fraction"] = self.kv_saved_fraction
+        return d
+
+
+def evaluate(
+    model,
+    jsonl,
+    lazy=None,
+    mode: str = "vla",
+    *,
+    batch_size: int = 32,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Exact-match accuracy of ``model`` (a :class:`~qcache_jax.api.QCacheModel` or a checkpoint
+    directory) on ``jsonl`` with the schedule ``lazy`` (any SPEC form; None = dense) in ``mode``.
+
+    Greedy, batched generation of at most ``max_new_tokens`` tokens per answer; every batch is
+    padded to ``batch_size`` rows so one compiled executable serves the whole file.
+    """
+    from tqdm.auto import tqdm
+
+    from .api import QCacheModel, load
+
+    if mode not in MODES:
+        raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if batch_size < 1:
+        raise QCacheError(f"batch size must be >= 1, got {batch_size}")
+    records = load_records(jsonl)
+    if limit is not None:
+        records = records[:limit]
+    if not isinstance(model, QCacheModel):
+        model = load(model)
+    if model.processor is None:
+        raise QCacheError(f"{model.path}: checkpoint has no image processor; it cannot answer questions about images")
+    schedule = model.resolve_lazy(lazy)
+    preds, kv, dense_kv, tokens, decode_s = [], 0, 0, 0, 0.0
+    t0 = time.perf_counter()
+    for i in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
+        chunk = records[i : i + batch_size]
+        rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # same bucket for every batch
+        res = model.generate(
+            [r.question for r in rows], [[str(r.image)] for r in rows], lazy=schedule, mode=mode, max_new_tokens=max_new_tokens
+        )
+        preds.extend(res.text[: len(chunk)])
+        kv, dense_kv = res.kv_cache_bytes, res.dense_kv_cache_bytes
+        n_dec = sum(max(len(t) - 1, 0) for t in res.token_ids)
+        tokens += n_dec
+        decode_s += n_dec / res.decode_tokens_per_second if res.decode_tokens_per_second else 0.0
+    seconds = time.perf_counter() - t0
+    hits = [normalize_answer(p) == normalize_answer(r.answer) for p, r in zip(preds, records)]
+    yn = [h for h, r in zip(hits, records) if normalize_answer(r.answer) in ("yes", "no")]
+    kinds: dict = {}
+    for h, r in zip(hits, records):
+        if r.kind:
+            kinds.setdefault(r.kind, []).append(h)
+    return EvalResult(
+        n=len(records),
+        correct=int(sum(hits)),
+        accuracy=sum(hits) / len(records),
+        yes_no_n=len(yn),
+        yes_no_accuracy=(sum(yn) / len(yn)) if yn else None,
+        per_kind={k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+        lazy_layers=[i for i, f in enumerate(schedule) if f],
+        mode="dense" if not any(schedule) else mode,
+        kv_cache_bytes=kv,
+        dense_kv_cache_bytes=dense_kv,
+        decode_tokens_per_second=tokens / decode_s if decode_s > 0 else 0.0,
+        seconds=seconds,
+        predictions=[{"question": r.question, "answer": r.answer, "prediction": p, "correct": h} for r, p, h in zip(records, preds, hits)],
+    )
+
+
+def format_result(res: EvalResult, label: str = "") -> str:
+    yn = f", yes/no {res.yes_no_accuracy:.3f} ({res.yes_no_n})" if res.yes_no_accuracy is not None else ""
+    kinds = ", ".join(f"{k} {v:.3f}" for k, v in res.per_kind.items())
+    lazy = ",".join(map(str, res.lazy_layers)) or "none"
+    return (
+        f"{label}accuracy {res.accuracy:.4f} ({res.correct}/{res.n}){yn}" + (f" [{kinds}]" if kinds else "")
+        + f" | lazy layers {lazy} ({res.mode}) | KV cache saved {100 * res.kv_saved_fraction:.1f}% | {res.seconds:.1f} s"
+    )

@@ -1,0 +1,115 @@
+"""Training: a step lowers the loss, Orbax save/resume is exact, lazy-aware tuning writes its
+schedule, and the export round trip matches transformers. Tiny models, a few steps (CI never trains)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from qcache_jax import QCacheError, load, vqa_data
+from qcache_jax.export import export_hf
+from qcache_jax.schedule import SCHEDULE_FILE
+from qcache_jax.train import Batcher, TrainConfig, compiled_steps, demo_model, fit, graphdef_for, init_params, train_demo, tune
+
+TINY = dict(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vision_hidden=32,
+            vision_layers=2, vision_heads=4, image_size=32, patch_size=8)
+# One optimiser setting and batch shape for every test here: the train step compiles once.
+TC = TrainConfig(steps=4, batch_size=8, warmup_steps=1, learning_rate=3e-3, save_every=2, eval_every=4)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    hf_cfg, cfg, processor = demo_model(**TINY)
+    graphdef = graphdef_for(cfg)
+    batcher = Batcher(processor)
+    batches = [batcher(vqa_data.examples(0, 8 * s, 8, image_size=32)) for s in range(4)]
+    return hf_cfg, cfg, processor, graphdef, batches
+
+
+def test_batch_layout(tiny):
+    _, cfg, processor, _, batches = tiny
+    b = batches[0]
+    assert b["input_ids"].shape == (8, 32) and b["pixel_values"].shape == (8, 3, 32, 32)
+    assert ((b["input_ids"] == cfg.image_token_id).sum(1) == cfg.image_tokens_per_image).all()
+    # The weighted positions predict the answer tokens then EOS.
+    ex = vqa_data.example(0, 0, image_size=32)
+    nxt = np.roll(b["input_ids"][0], -1)[b["weights"][0] > 0]
+    assert processor.tokenizer.decode(nxt[:-1]) == ex.answer and nxt[-1] == processor.tokenizer.eos_token_id
+
+
+def test_one_step_lowers_the_loss(tiny):
+    _, cfg, _, graphdef, batches = tiny
+    params = init_params(cfg, 0)
+    tx, train_step, eval_step = compiled_steps(graphdef, TC)
+    before = float(eval_step(params, batches[0], None)[0])
+    params, _, m = train_step(params, tx.init(params), batches[0], None, None)
+    after = float(eval_step(params, batches[0], None)[0])
+    assert np.isfinite(before) and after < before - 0.01
+    assert float(m["loss"]) == pytest.approx(before, rel=1e-5)  # the step reports the loss before the update
+
+
+def test_resume_gives_identical_next_steps(tiny, tmp_path):
+    _, cfg, _, graphdef, batches = tiny
+    params = init_params(cfg, 1)
+    at = lambda s: batches[s % len(batches)]
+    _, full = fit(graphdef, params, TC, at, progress=False)
+    _, first = fit(graphdef, params, TC, at, work_dir=tmp_path / "w", stop_after=3, progress=False)
+    assert first["end_step"] == 3  # "interrupted" after step 3; the last save was at step 2
+    _, resumed = fit(graphdef, params, TC, at, work_dir=tmp_path / "w", progress=False)
+    assert resumed["start_step"] == 2
+    np.testing.assert_array_equal(resumed["loss"], full["loss"][2:])
+    # A different run in the same work directory is refused.
+    with pytest.raises(QCacheError, match="other settings"):
+        fit(graphdef, params, TrainConfig(steps=5), at, work_dir=tmp_path / "w", progress=False)
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """A tiny VQA model after a few training steps, written as a checkpoint by train_demo."""
+    out = tmp_path_factory.mktemp("vqa") / "ckpt"
+    path, history = train_demo(out, tc=TC, model_kwargs=TINY, val_examples=8, progress=False, log=None)
+    assert path == out and len(history["loss"]) == 4 and len(history["val"]) == 1
+    return out
+
+
+def test_train_demo_checkpoint_loads(trained_ckpt):
+    model = load(trained_ckpt)
+    assert model.processor is not None and model.config.text.num_layers == TINY["num_layers"]
+    assert not any(p.name.endswith(".train") for p in trained_ckpt.parent.iterdir())  # work dir removed
+    ids, pv = model.encode("what color is the shape ?", [vqa_data.example(2, 0, image_size=32).image])
+    assert pv.shape == (1, 3, 32, 32) and ids.count(model.config.image_token_id) == 16
+
+
+def test_tune_writes_schedule_and_mode(trained_ckpt, tmp_path):
+    out, history = tune(trained_ckpt, tmp_path / "gla", lazy="2-3", mode="gla", steps=2, batch_size=4, warmup_steps=1,
+                        distill=1.0, val_examples=4, progress=False, log=None)
+    sched = json.loads((out / SCHEDULE_FILE).read_text())
+    assert sched["lazy_layers"] == [2, 3] and sched["mode"] == "gla" and sched["tuned"]["steps"] == 2
+    assert np.isfinite(history["loss"]).all()
+    model = load(out)
+    assert model.resolve_lazy("auto") == (False, False, True, True)
+    with pytest.raises(QCacheError, match="at least one lazy layer"):
+        tune(trained_ckpt, tmp_path / "x", lazy="none", steps=1, progress=False, log=None)
+
+
+def test_export_round_trip_matches_transformers(trained_ckpt, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    hf_dir = export_hf(trained_ckpt, tmp_path / "hf")
+    hf = LlavaForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
+    proc = AutoProcessor.from_pretrained(str(hf_dir))
+    model = load(trained_ckpt)
+    exs = vqa_data.examples(2, 0, 3, image_size=32)
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question}]}],
+                                      add_generation_prompt=True) for e in exs]
+    enc = proc(images=[e.image for e in exs], text=texts, return_tensors="np", padding=True)
+    ours = model.logits(enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    with torch.no_grad():
+        ref = hf(**{k: torch.tensor(v) for k, v in enc.items()}).logits.numpy()
+    mask = enc["attention_mask"].astype(bool)
+    assert np.abs(ours - ref)[mask].max() <= 1e-4
+    with pytest.raises(QCacheError, match="already exists"):
+        export_hf(trained_ckpt, hf_dir)
