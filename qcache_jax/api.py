@@ -12,6 +12,7 @@ from flax import nnx
 from .checkpoint import load_params, read_config
 from .config import LlavaConfig
 from .errors import QCacheError
+from .images import open_image
 from .lazy_attention import MODES
 from . import schedule as sched
 
@@ -140,7 +141,7 @@ class QCacheModel:
     def encode(self, prompt, images=(), *, raw: bool = False):
         """Token ids (image tokens expanded) and pixel values for one text prompt and its images,
         through the checkpoint's chat template and HF processor."""
-        images = [_open_image(im) for im in images]
+        images = [open_image(im) for im in images]
         if self.processor is None and self.tokenizer is None:
             raise QCacheError(f"{self.path}: checkpoint has no tokenizer; pass input_ids instead of a prompt")
         if raw:
@@ -396,20 +397,6 @@ def _generate_defaults() -> dict:
 
     sig = inspect.signature(QCacheModel.generate)
     return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
-
-
-def _open_image(im):
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(im, Image.Image):
-        return im.convert("RGB")
-    try:
-        with Image.open(im) as f:
-            return f.convert("RGB")
-    except FileNotFoundError:
-        raise QCacheError(f"{im}: image not found") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise QCacheError(f"{im}: cannot read image ({e})") from None
 
 
 def _load_hf_helper(kind: str, path: Path):

@@ -55,6 +55,7 @@ from .attention import attend
 from .cache import CacheLayout, dense_kv_cache_bytes, init_state, kv_cache_bytes
 from .engine import bucket
 from .errors import QCacheError
+from .images import check_image
 from .kernels import reference_attention
 from .layers import scan_layers
 from .lazy_attention import MODES
@@ -96,7 +97,7 @@ def load_samples(data_path, max_samples: int | None = None) -> list[Sample]:
     if not samples:
         raise QCacheError(f"{data_path}: the calibration data set is empty (no samples)")
     for s in samples:
-        _check_image(s)
+        check_image(s.image, s.source)
     return samples
 
 
@@ -136,19 +137,6 @@ def _read_text(path: Path) -> str:
         raise QCacheError(f"{path}: not a text file (expected JSONL, or a folder with {PROMPTS_FILE})") from None
     except OSError as e:
         raise QCacheError(f"{path}: cannot read ({e.strerror})") from None
-
-
-def _check_image(sample: Sample) -> None:
-    """Fail before the (long) run rather than at sample 900: the file exists and PIL can parse it."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not sample.image.is_file():
-        raise QCacheError(f"{sample.source}: image {sample.image} not found")
-    try:
-        with Image.open(sample.image) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:  # PIL reports broken files as any of these
-        raise QCacheError(f"{sample.source}: cannot read image {sample.image} ({e})") from None
 
 
 # -- divergences -----------------------------------------------------------------------------
@@ -269,7 +257,9 @@ def would_be_anchors(schedule: Sequence[bool]) -> list[int | None]:
     return [None] + list(anchors(schedule)[:-1])
 
 
-def collect_divergences(model, samples: Sequence[Sample], *, rows: str = "last", progress: bool = True) -> dict[str, Divergence]:
+def collect_divergences(
+    model, samples: Sequence[Sample], *, rows: str = "last", progress: bool = True
+) -> dict[str, Divergence]:
     """Run the dense ``model`` (a QCacheModel) on ``samples``; {"gla", "vla"} -> :class:`Divergence`."""
     from tqdm.auto import tqdm
 
@@ -331,7 +321,9 @@ def select_by_fraction(pairwise: np.ndarray, fraction: float, keep_first: int = 
 # -- result, outputs -------------------------------------------------------------------------
 
 
-def kv_saving(schedule: Sequence[bool], mode: str, config, *, text_tokens: int = TEXT_TOKENS, new_tokens: int = NEW_TOKENS) -> dict:
+def kv_saving(
+    schedule: Sequence[bool], mode: str, config, *, text_tokens: int = TEXT_TOKENS, new_tokens: int = NEW_TOKENS
+) -> dict:
     """Fraction of the dense KV cache the schedule saves for one image plus ``text_tokens`` prompt
     and ``new_tokens`` generated tokens, from the real cache layout's array shapes (not allocated)."""
     image_tokens = config.image_tokens_per_image
@@ -477,17 +469,29 @@ def render_plot(result: CalibrationResult) -> bytes:
         return np.array(stats[key][1:], np.float64)
 
     ax.errorbar(
-        layers, series("adjacent_jsd_mean"), yerr=series("adjacent_jsd_std"), fmt="o-", capsize=3, label="vs previous layer"
+        layers,
+        series("adjacent_jsd_mean"),
+        yerr=series("adjacent_jsd_std"),
+        fmt="o-",
+        capsize=3,
+        label="vs previous layer",
     )
     # Shifted a little so that the two series' error bars do not hide each other.
     ax.errorbar(
-        layers + 0.1, series("anchor_jsd_mean"), yerr=series("anchor_jsd_std"), fmt="s", capsize=3, alpha=0.7,
+        layers + 0.1,
+        series("anchor_jsd_mean"),
+        yerr=series("anchor_jsd_std"),
+        fmt="s",
+        capsize=3,
+        alpha=0.7,
         label="vs (would-be) anchor",
     )
     for i, (first, last) in enumerate(_lazy_runs(result.schedule)):
         ax.axvspan(first - 0.5, last + 0.5, color="tab:green", alpha=0.15, label="lazy layers" if i == 0 else None)
     if result.threshold is not None:
-        ax.axhline(result.threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {result.threshold:g}")
+        ax.axhline(
+            result.threshold, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {result.threshold:g}"
+        )
     part = "image keys, renormalised" if result.mode == "vla" else "all keys"
     rows = "last-token rows" if result.rows == "last" else "all text-token rows"
     ax.set_title(

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from .errors import QCacheError
+from .images import check_image
 from .lazy_attention import MODES
 from .vqa_data import Example, normalize_answer
 
@@ -42,7 +43,7 @@ def load_records(path) -> list[Record]:
     if not p.exists():
         raise QCacheError(f"{path}: evaluation file not found")
     if p.is_dir():
-        raise QCacheError(f"{path}: is a directory; expected a JSONL file of {{\"image\", \"question\", \"answer\"}} lines")
+        raise QCacheError(f'{path}: is a directory; expected a JSONL file of {{"image", "question", "answer"}} lines')
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -66,24 +67,20 @@ def load_records(path) -> list[Record]:
             if not isinstance(obj[field], str) or (field != "answer" and not obj[field].strip()):
                 raise QCacheError(f"{where}: field {field!r} must be a non-empty string")
         kind = obj.get("kind")
-        records.append(Record(p.parent / Path(obj["image"]).expanduser(), obj["question"], obj["answer"], kind if isinstance(kind, str) else None, where))
+        records.append(
+            Record(
+                p.parent / Path(obj["image"]).expanduser(),
+                obj["question"],
+                obj["answer"],
+                kind if isinstance(kind, str) else None,
+                where,
+            )
+        )
     if not records:
         raise QCacheError(f"{path}: no examples (empty file)")
     for r in records:
-        _check_image(r)
+        check_image(r.image, r.source)
     return records
-
-
-def _check_image(r: Record) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    if not r.image.is_file():
-        raise QCacheError(f"{r.source}: image {r.image} not found")
-    try:
-        with Image.open(r.image) as im:
-            im.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise QCacheError(f"{r.source}: cannot read image {r.image} ({e})") from None
 
 
 def load_examples(path) -> list[Example]:
@@ -168,7 +165,11 @@ def evaluate(
         chunk = records[i : i + batch_size]
         rows = chunk + [chunk[0]] * (batch_size - len(chunk))  # same bucket for every batch
         res = model.generate(
-            [r.question for r in rows], [[str(r.image)] for r in rows], lazy=schedule, mode=mode, max_new_tokens=max_new_tokens
+            [r.question for r in rows],
+            [[str(r.image)] for r in rows],
+            lazy=schedule,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
         )
         preds.extend(res.text[: len(chunk)])
         kv, dense_kv = res.kv_cache_bytes, res.dense_kv_cache_bytes
@@ -195,7 +196,10 @@ def evaluate(
         dense_kv_cache_bytes=dense_kv,
         decode_tokens_per_second=tokens / decode_s if decode_s > 0 else 0.0,
         seconds=seconds,
-        predictions=[{"question": r.question, "answer": r.answer, "prediction": p, "correct": h} for r, p, h in zip(records, preds, hits)],
+        predictions=[
+            {"question": r.question, "answer": r.answer, "prediction": p, "correct": h}
+            for r, p, h in zip(records, preds, hits)
+        ],
     )
 
 
@@ -204,6 +208,7 @@ def format_result(res: EvalResult, label: str = "") -> str:
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in res.per_kind.items())
     lazy = ",".join(map(str, res.lazy_layers)) or "none"
     return (
-        f"{label}accuracy {res.accuracy:.4f} ({res.correct}/{res.n}){yn}" + (f" [{kinds}]" if kinds else "")
+        f"{label}accuracy {res.accuracy:.4f} ({res.correct}/{res.n}){yn}"
+        + (f" [{kinds}]" if kinds else "")
         + f" | lazy layers {lazy} ({res.mode}) | KV cache saved {100 * res.kv_saved_fraction:.1f}% | {res.seconds:.1f} s"
     )
