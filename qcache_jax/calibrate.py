@@ -56,6 +56,7 @@ from .cache import CacheLayout, dense_kv_cache_bytes, init_state, kv_cache_bytes
 from .engine import bucket
 from .errors import QCacheError
 from .images import check_image
+from .jsonl import json_lines, read_text
 from .kernels import reference_attention
 from .layers import scan_layers
 from .lazy_attention import MODES
@@ -116,14 +117,7 @@ def _folder_samples(folder: Path) -> list[Sample]:
 
 def _jsonl_samples(path: Path) -> list[Sample]:
     samples = []
-    for n, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QCacheError(f"{where}: not JSON ({e.msg})") from None
+    for where, obj in json_lines(path, _read_text(path)):
         if not isinstance(obj, dict) or not isinstance(obj.get("image"), str) or not isinstance(obj.get("prompt"), str):
             raise QCacheError(f'{where}: expected an object {{"image": path, "prompt": text}}')
         samples.append(Sample(path.parent / Path(obj["image"]).expanduser(), obj["prompt"], where))
@@ -131,12 +125,7 @@ def _jsonl_samples(path: Path) -> list[Sample]:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise QCacheError(f"{path}: not a text file (expected JSONL, or a folder with {PROMPTS_FILE})") from None
-    except OSError as e:
-        raise QCacheError(f"{path}: cannot read ({e.strerror})") from None
+    return read_text(path, f"JSONL, or a folder with {PROMPTS_FILE}")
 
 
 # -- divergences -----------------------------------------------------------------------------

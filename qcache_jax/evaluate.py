@@ -16,12 +16,12 @@ punctuation stripped). The yes/no accuracy covers the lines whose answer is ``ye
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from .errors import QCacheError
 from .images import check_image
+from .jsonl import json_lines, read_text
 from .lazy_attention import MODES
 from .vqa_data import Example, normalize_answer
 
@@ -44,21 +44,8 @@ def load_records(path) -> list[Record]:
         raise QCacheError(f"{path}: evaluation file not found")
     if p.is_dir():
         raise QCacheError(f'{path}: is a directory; expected a JSONL file of {{"image", "question", "answer"}} lines')
-    try:
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise QCacheError(f"{path}: not a text file (expected JSONL)") from None
-    except OSError as e:
-        raise QCacheError(f"{path}: cannot read ({e.strerror})") from None
     records = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QCacheError(f"{where}: not valid JSON ({e.msg})") from None
+    for where, obj in json_lines(path, read_text(p, "JSONL")):
         if not isinstance(obj, dict):
             raise QCacheError(f'{where}: expected a JSON object {{"image": path, "question": text, "answer": text}}')
         for field in FIELDS:

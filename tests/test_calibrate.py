@@ -153,7 +153,7 @@ def test_data_errors(image_folder, tmp_path):
     with pytest.raises(QCacheError, match="empty"):
         load_samples(tmp_path / "empty.jsonl")
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "prompt": "x"}\nnot json\n')
-    with pytest.raises(QCacheError, match=r"bad.jsonl:2: not JSON"):
+    with pytest.raises(QCacheError, match=r"bad.jsonl:2: not valid JSON"):
         load_samples(tmp_path / "bad.jsonl")
     (tmp_path / "keys.jsonl").write_text('{"img": "a.png"}\n')
     with pytest.raises(QCacheError, match=r"keys.jsonl:1: expected an object"):
