@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .checkpoint import load_params, read_config
-from .config import LlavaConfig
 from .errors import QCacheError
 from .images import open_image
-from .lazy_attention import MODES
-from . import schedule as sched
+from .io.checkpoint import load_params, read_config
+from .kernels import IMPLS
+from .lazy.schedule import Schedule
+from .nn.layers import LOOPS
+from .nn.llava import abstract_model
 
 
-def _to_numpy(x, name):
+def _to_numpy(x):
     if x is None:
         return None
     if hasattr(x, "detach"):  # torch tensor
@@ -25,16 +27,70 @@ def _to_numpy(x, name):
     return np.asarray(x)
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """Every option of :meth:`QCacheModel.generate` (and ``qcache generate``), validated once.
+
+    ``lazy``/``mode``: the schedule (any SPEC form) and mode (None: what a schedule file
+    records, else ``vla``). ``temperature`` 0 is greedy; ``top_k`` 0 and ``top_p`` 1 are off.
+    ``eos_token_id``: None = the model's. ``cache_len``: a fixed cache capacity (tokens per
+    row). ``max_context``: the longest prompt + new tokens allowed (default: the model's
+    ``max_position_embeddings``; raising it runs the model past the length it was trained on).
+    ``loop``: ``unroll`` (fast decode) or ``scan``. ``return_logits``: keep each generated
+    token's logits.
+    """
+
+    lazy: Any = None
+    mode: str | None = None
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    raw: bool = False
+    eos_token_id: Any = None
+    cache_len: int | None = None
+    max_context: int | None = None
+    attention_impl: str = "auto"
+    gla_reuse_probs: bool = True
+    return_logits: bool = False
+    loop: str = "unroll"
+
+    def __post_init__(self):
+        def bad(name, want):
+            raise QCacheError(f"{name} must be {want}, got {getattr(self, name)!r}")
+
+        if not isinstance(self.max_new_tokens, (int, np.integer)) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "an integer >= 1")
+        if not self.temperature >= 0:
+            bad("temperature", ">= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1]")
+        if self.top_k < 0:
+            bad("top_k", ">= 0 (0 = off)")
+        if self.cache_len is not None and self.cache_len < 1:
+            bad("cache_len", ">= 1")
+        if self.max_context is not None and self.max_context < 1:
+            bad("max_context", ">= 1")
+        if self.attention_impl not in IMPLS:
+            bad("attention_impl", f"one of {', '.join(IMPLS)}")
+        if self.loop not in LOOPS:
+            bad("loop", f"one of {', '.join(LOOPS)}")
+
+
 class QCacheModel:
-    """A loaded checkpoint: ``config``, ``params`` (pytree), ``graphdef``, ``tokenizer``,
-    ``processor``, ``schedule`` (from schedule.json, or None) and the inference methods."""
+    """A loaded checkpoint: ``config``, ``params`` (pytree with Hugging Face's names, one array
+    per layer), ``graphdef``, ``tokenizer``, ``processor`` and the inference methods.
 
-    def __init__(self, config: LlavaConfig, params, *, path: Path | None = None, tokenizer=None, processor=None):
-        from .convert import abstract_params
+    ``log``: where progress messages go (loading, compiling a new shape); None = silent.
+    """
 
+    def __init__(self, config, params, *, path: Path | None = None, tokenizer=None, processor=None,
+                 log: Callable[[str], None] | None = None):
         self.config, self.params, self.path = config, params, path
-        self.graphdef, _ = abstract_params(config)
+        self.graphdef, _ = abstract_model(config)
         self.tokenizer, self.processor = tokenizer, processor
+        self.log = log
         self._engines: dict = {}
 
     @property
@@ -45,36 +101,33 @@ class QCacheModel:
         """The NNX module with this model's parameters (for inspection; inference is functional)."""
         return nnx.merge(self.graphdef, self.params)
 
-    def resolve_lazy(self, lazy) -> tuple[bool, ...]:
-        """A schedule from any accepted form (see :func:`qcache_jax.schedule.resolve`)."""
-        return sched.resolve(lazy, self.num_layers, self.path)
-
-    def resolve_lazy_and_mode(self, lazy, mode: str | None) -> tuple[tuple[bool, ...], str]:
-        """(schedule, mode): ``mode`` None takes the mode a schedule file records, else ``vla``."""
-        schedule, recorded = sched.resolve_with_mode(lazy, self.num_layers, self.path)
-        mode = mode or recorded or "vla"
-        if mode not in MODES:
-            raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-        return schedule, mode
+    def resolve_lazy(self, lazy, mode: str | None = None) -> Schedule:
+        """The :class:`Schedule` for any accepted ``lazy`` form and ``mode`` (the one resolver:
+        an explicit mode wins, else the mode a schedule file records, else ``vla``)."""
+        return Schedule.resolve(lazy, self.num_layers, mode=mode, ckpt_dir=self.path)
 
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None):
         """Validate HF-style inputs; returns them as numpy arrays. Raises QCacheError naming the problem."""
         cfg = self.config
-        ids = _to_numpy(input_ids, "input_ids")
+        ids = _to_numpy(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise QCacheError(f"input_ids must be an integer array [batch, tokens], got {ids.dtype} {ids.shape}")
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.text.vocab_size):
+        if ids.shape[1] == 0:
+            raise QCacheError("input_ids is empty (a prompt needs at least one token)")
+        if ids.min() < 0 or ids.max() >= cfg.text.vocab_size:
             raise QCacheError(f"input_ids has token ids outside the vocabulary [0, {cfg.text.vocab_size})")
-        mask = _to_numpy(attention_mask, "attention_mask")
+        mask = _to_numpy(attention_mask)
         if mask is not None:
             mask = mask.reshape(ids.shape) if mask.size == ids.size else mask
             if mask.shape != ids.shape:
                 raise QCacheError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
-        pv = _to_numpy(pixel_values, "pixel_values")
-        n_img_tokens = int((ids == cfg.image_token_id).sum())
+        pv = _to_numpy(pixel_values)
+        n_img_tokens = int((ids == cfg.image_token_id).sum()) if cfg.has_vision else 0
         if pv is not None:
+            if not cfg.has_vision:
+                raise QCacheError("this is a text-only checkpoint: it takes no pixel_values")
             v = cfg.vision
             want = (v.num_channels, v.image_size, v.image_size)
             if pv.ndim != 4 or tuple(pv.shape[1:]) != want:
@@ -100,50 +153,58 @@ class QCacheModel:
         lazy=None,
         mode: str | None = None,
         *,
-        unroll: bool = False,
+        loop: str = "scan",
         attention_impl: str = "auto",
     ):
         """Full-sequence logits [B, T, V] (float32 numpy) with HF's input conventions.
 
         ``lazy``: a schedule in any accepted form (None = dense); ``mode``: ``vla`` or ``gla``
-        (None: the mode a schedule file records, else ``vla``).
+        (None: the mode a schedule file records, else ``vla``). ``loop``: ``scan`` (one
+        compiled layer) or ``unroll``; both compute the same numbers.
         """
-        from .model import logits_fn
+        from .runtime.forward import logits_fn
 
         ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
-        schedule, mode = self.resolve_lazy_and_mode(lazy, mode)
-        flags = None if not any(schedule) else jnp.asarray(schedule)
+        schedule = self.resolve_lazy(lazy, mode)
         out = logits_fn(
             self.graphdef,
             self.params,
             jnp.asarray(ids),
             None if pv is None else jnp.asarray(pv),
             None if mask is None else jnp.asarray(mask),
-            flags,
-            mode=mode,
-            unroll=unroll,
-            attention_impl=attention_impl,
+            None if schedule.is_dense else jnp.asarray(schedule.mask),
+            mode=schedule.mode,
+            loop=loop,
+            impl=attention_impl,
         )
         return np.asarray(out)
 
     # -- generation ---------------------------------------------------------------------------
 
     def engine(self, attention_impl: str = "auto"):
-        """The (cached) :class:`~qcache_jax.engine.Engine` holding compiled executables per bucket."""
-        from .engine import Engine
+        """The (cached) :class:`~qcache_jax.runtime.engine.Engine` holding compiled executables per plan."""
+        from .runtime.engine import Engine
 
         if attention_impl not in self._engines:
             self._engines[attention_impl] = Engine(
-                self.graphdef, self.params, self.config, attention_impl=attention_impl
+                self.graphdef, self.params, self.config, attention_impl=attention_impl, log=self.log
             )
         return self._engines[attention_impl]
 
-    def encode(self, prompt, images=(), *, raw: bool = False):
+    def encode(self, prompt: str, images=(), *, raw: bool = False):
         """Token ids (image tokens expanded) and pixel values for one text prompt and its images,
         through the checkpoint's chat template and HF processor."""
+        if isinstance(images, (str, Path)) or hasattr(images, "convert"):
+            images = [images]  # one image given alone, not a list of them
         images = [open_image(im) for im in images]
+        if not isinstance(prompt, str):
+            raise QCacheError(f"a prompt must be a string, got {type(prompt).__name__}")
+        if not prompt.strip() and not images:
+            raise QCacheError("the prompt is empty (give some text or an image)")
         if self.processor is None and self.tokenizer is None:
             raise QCacheError(f"{self.path}: checkpoint has no tokenizer; pass input_ids instead of a prompt")
+        if images and not self.config.has_vision:
+            raise QCacheError("this is a text-only checkpoint: it takes no images")
         if raw:
             text = prompt
         else:
@@ -151,62 +212,58 @@ class QCacheModel:
             templater = self.processor if self.processor is not None else self.tokenizer
             if getattr(templater, "chat_template", None) is None:
                 raise QCacheError(f"{self.path}: checkpoint has no chat template; use --raw")
+            if not self.config.has_vision:
+                content = prompt  # text-only chat templates take plain string content
             text = templater.apply_chat_template(
                 [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
             )
+        if self.config.has_vision:
+            placeholders = text.count(self._image_token_text())
+            if placeholders != len(images):
+                raise QCacheError(
+                    f"the prompt has {placeholders} image placeholder(s) ({self._image_token_text()}) "
+                    f"for {len(images)} image(s)" + (" (with --raw, write one placeholder per image)" if raw else "")
+                )
         if images:
             if self.processor is None:
                 raise QCacheError(f"{self.path}: checkpoint has no image processor, so it cannot take images")
             enc = self.processor(images=images, text=[text], return_tensors="np")
             return enc["input_ids"][0].tolist(), enc["pixel_values"].astype(np.float32)
-        tok = self.tokenizer if self.tokenizer is not None else self.processor.tokenizer
-        return tok(text)["input_ids"], None
+        return self._tokenizer()(text)["input_ids"], None
 
-    def generate(
-        self,
-        prompt=None,
-        images=(),
-        *,
-        input_ids=None,
-        pixel_values=None,
-        attention_mask=None,
-        lazy=None,
-        mode: str | None = None,
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int = 0,
-        raw: bool = False,
-        eos_token_id=None,
-        cache_len: int | None = None,
-        attention_impl: str = "auto",
-        gla_reuse_probs: bool = True,
-        return_logits: bool = False,
-    ) -> "GenerateResult":
+    def _image_token_text(self) -> str:
+        tok = self._tokenizer()
+        return tok.convert_ids_to_tokens(self.config.image_token_id) if tok is not None else "<image>"
+
+    def options(self, options: GenerateOptions | None = None, **kwargs) -> GenerateOptions:
+        """``options`` with ``kwargs`` replaced (unknown names are a TypeError)."""
+        base = options or GenerateOptions()
+        unknown = set(kwargs) - {f.name for f in dataclasses.fields(GenerateOptions)}
+        if unknown:
+            raise TypeError(f"unexpected generate options: {', '.join(sorted(unknown))}")
+        return dataclasses.replace(base, **kwargs)
+
+    def generate(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
+                 options: GenerateOptions | None = None, **kwargs) -> "GenerateResult":
         """Jitted prefill + ``lax.while_loop`` decode for one prompt or a batch.
 
-        Give either ``prompt`` (a string, or a list of strings) with ``images`` (paths or PIL
-        images; for a batch, one list per prompt), formatted with the chat template unless
-        ``raw``; or HF-style ``input_ids`` [B, T] (image tokens expanded; padding on either side
-        marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W]. Greedy when
-        ``temperature`` is 0. ``mode`` None takes the mode a schedule file records, else
-        ``vla``. ``return_logits`` keeps each generated token's logits. Rows stop on EOS, at
-        ``max_new_tokens`` or when their cache is full; ``cache_len`` fixes the cache capacity
-        (tokens per row), and a prompt that does not fit is an error.
+        Give either ``prompt`` (a string, or a list of strings) with ``images`` (a path or PIL
+        image, or a list of them; for a batch, one list per prompt), formatted with the chat
+        template unless ``raw``; or HF-style ``input_ids`` [B, T] (image tokens expanded;
+        padding on either side marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W].
+        Options: a :class:`GenerateOptions` and/or its fields as keywords (``lazy``, ``mode``,
+        ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``raw``,
+        ``eos_token_id``, ``cache_len``, ``max_context``, ``attention_impl``,
+        ``gla_reuse_probs``, ``return_logits``, ``loop``). Rows stop on EOS, at
+        ``max_new_tokens`` or when their cache is full. A prompt that cannot fit the model's
+        context (or ``cache_len``) is an error before anything is allocated.
         """
-        engine, plan, prompts, pv, n_img, schedule, mode = self._setup(**_locals_for_setup(locals()))
-        out = engine.generate(
-            prompts,
-            pv,
-            n_img,
-            plan,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-        )
+        from .runtime.engine import Sampling
+
+        opts = self.options(options, **kwargs)
+        engine, plan, prompts, pv, schedule = self._setup(prompt, images, input_ids, pixel_values, attention_mask, opts)
+        sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
+        out = engine.generate(prompts, pv, plan, sampling)
         return GenerateResult(
             text=[self.detokenize(t) for t in out.token_ids],
             token_ids=out.token_ids,
@@ -216,84 +273,66 @@ class QCacheModel:
             prefill_seconds=out.prefill_seconds,
             decode_tokens_per_second=out.decode_tokens_per_second,
             compile_seconds=out.compile_seconds,
-            lazy_layers=[i for i, f in enumerate(schedule) if f],
-            mode=mode,
+            lazy_layers=schedule.lazy_layers,
+            mode=schedule.label,
+            schedule=schedule,
             logits=out.logits,
         )
 
-    def stream(self, prompt=None, images=(), **kwargs):
-        """Like :meth:`generate` (same arguments but ``return_logits``), yielding each step's
-        new token per prompt as a list (None for prompts that have finished)."""
-        unknown = set(kwargs) - set(_GENERATE_DEFAULTS) | {"return_logits"} & set(kwargs)
-        if unknown:
-            raise TypeError(f"stream() got unexpected arguments: {', '.join(sorted(unknown))}")
-        args = dict(_GENERATE_DEFAULTS, prompt=prompt, images=images, **kwargs)
-        engine, plan, prompts, pv, _, _, _ = self._setup(**_locals_for_setup(args))
-        yield from engine.stream(
-            prompts,
-            pv,
-            plan,
-            max_new_tokens=args["max_new_tokens"],
-            temperature=args["temperature"],
-            top_k=args["top_k"],
-            top_p=args["top_p"],
-            seed=args["seed"],
-        )
+    def stream(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
+               options: GenerateOptions | None = None, **kwargs):
+        """Like :meth:`generate` (same arguments), yielding each step's new token per prompt as
+        a list (None for prompts that have finished)."""
+        from .runtime.engine import Sampling
 
-    def _setup(
-        self,
-        *,
-        prompt,
-        images,
-        input_ids,
-        pixel_values,
-        attention_mask,
-        lazy,
-        mode,
-        max_new_tokens,
-        temperature,
-        top_p,
-        top_k,
-        raw,
-        eos_token_id,
-        cache_len,
-        attention_impl,
-        gla_reuse_probs,
-        return_logits,
-    ):
-        """Validate options and inputs; (engine, plan, prompts, pixel values, images per row, schedule, mode)."""
-        if max_new_tokens < 1:
-            raise QCacheError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise QCacheError("need temperature >= 0, 0 < top_p <= 1 and top_k >= 0")
-        schedule, mode = self.resolve_lazy_and_mode(lazy, mode)
-        prompts, pv = self._prompts(prompt, images, input_ids, pixel_values, attention_mask, raw)
-        per = self.config.image_tokens_per_image
-        n_img = [sum(1 for t in p if t == self.config.image_token_id) // per for p in prompts]
-        engine = self.engine(attention_impl)
+        opts = self.options(options, **kwargs)
+        if opts.return_logits:
+            raise QCacheError("stream() does not return logits; use generate(return_logits=True)")
+        engine, plan, prompts, pv, _ = self._setup(prompt, images, input_ids, pixel_values, attention_mask, opts)
+        sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
+        yield from engine.stream(prompts, pv, plan, sampling, opts.max_new_tokens)
+
+    def plan(self, prompts, n_images_per_row, opts: GenerateOptions, schedule: Schedule | None = None):
+        """(engine, plan) for token-id prompts under ``opts`` (what generate compiles)."""
+        schedule = schedule or self.resolve_lazy(opts.lazy, opts.mode)
+        engine = self.engine(opts.attention_impl)
         plan = engine.plan(
             prompts,
-            n_img,
+            n_images_per_row,
             schedule=schedule,
-            mode=mode,
-            max_new_tokens=max_new_tokens,
-            eos=self._eos(eos_token_id),
-            pad_id=self._pad_id(),
-            cache_len=cache_len,
-            reuse_probs=gla_reuse_probs,
-            keep_logits=return_logits,
+            max_new_tokens=opts.max_new_tokens,
+            eos=self._eos(opts.eos_token_id),
+            pad_id=self.pad_id(),
+            cache_len=opts.cache_len,
+            max_context=opts.max_context,
+            reuse_probs=opts.gla_reuse_probs,
+            keep_logits=opts.return_logits,
+            loop=opts.loop,
         )
-        return engine, plan, prompts, pv, n_img, schedule, mode
+        return engine, plan
+
+    def _setup(self, prompt, images, input_ids, pixel_values, attention_mask, opts: GenerateOptions):
+        """Validate inputs; (engine, plan, prompts, pixel values, schedule)."""
+        schedule = self.resolve_lazy(opts.lazy, opts.mode)
+        prompts, pv = self._prompts(prompt, images, input_ids, pixel_values, attention_mask, opts.raw)
+        per = self.config.image_tokens_per_image
+        n_img = [sum(1 for t in p if t == self.config.image_token_id) // per if per else 0 for p in prompts]
+        engine, plan = self.plan(prompts, n_img, opts, schedule)
+        return engine, plan, prompts, pv, schedule
 
     def _prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw):
         """Per-row prompt token lists (no padding) and the batch's pixel values."""
         if (prompt is None) == (input_ids is None):
             raise QCacheError("give exactly one of prompt or input_ids")
         if prompt is not None:
-            batch = [prompt] if isinstance(prompt, str) else list(prompt)
+            single = isinstance(prompt, str)
+            batch = [prompt] if single else list(prompt)
             if not batch:
                 raise QCacheError("empty prompt list")
-            per_row = [list(images)] if isinstance(prompt, str) else [list(x) for x in (images or [[]] * len(batch))]
+            if single:
+                per_row = [images]
+            else:
+                per_row = [x for x in images] if images else [[] for _ in batch]
             if len(per_row) != len(batch):
                 raise QCacheError(f"{len(batch)} prompts but {len(per_row)} image lists")
             rows, pvs = [], []
@@ -302,26 +341,23 @@ class QCacheModel:
                 rows.append(ids)
                 if pv is not None:
                     pvs.append(pv)
-            ids_check = rows
             pv = np.concatenate(pvs) if pvs else None
         else:
             ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
             mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
             rows = [row[m].tolist() for row, m in zip(ids, mask)]
-            ids_check = rows
-        if any(len(r) == 0 for r in ids_check):
+        if any(len(r) == 0 for r in rows):
             raise QCacheError("a prompt has no tokens")
-        flat = np.array([t for r in rows for t in r])
-        n_tok = int((flat == self.config.image_token_id).sum())
-        n_pv = 0 if pv is None else pv.shape[0]
-        if n_tok != n_pv * self.config.image_tokens_per_image:
-            raise QCacheError(
-                f"{n_pv} image(s) need {n_pv * self.config.image_tokens_per_image} image tokens, the prompts have {n_tok}"
-            )
         per = self.config.image_tokens_per_image
-        for r in rows:
-            if sum(1 for t in r if t == self.config.image_token_id) % per:
-                raise QCacheError(f"a prompt's image tokens are not a whole number of images ({per} tokens each)")
+        if per:
+            flat = np.array([t for r in rows for t in r])
+            n_tok = int((flat == self.config.image_token_id).sum())
+            n_pv = 0 if pv is None else pv.shape[0]
+            if n_tok != n_pv * per:
+                raise QCacheError(f"{n_pv} image(s) need {n_pv * per} image tokens, the prompts have {n_tok}")
+            for r in rows:
+                if sum(1 for t in r if t == self.config.image_token_id) % per:
+                    raise QCacheError(f"a prompt's image tokens are not a whole number of images ({per} tokens each)")
         return rows, pv
 
     def _eos(self, eos_token_id) -> tuple[int, ...]:
@@ -332,7 +368,8 @@ class QCacheModel:
         tok = self._tokenizer()
         return (tok.eos_token_id,) if tok is not None and tok.eos_token_id is not None else ()
 
-    def _pad_id(self) -> int:
+    def pad_id(self) -> int:
+        """The token id used to pad prompts and finished rows (never the image token)."""
         pad = self.config.text.pad_token_id
         if pad is None:
             tok = self._tokenizer()
@@ -353,7 +390,8 @@ class QCacheModel:
 @dataclasses.dataclass
 class GenerateResult:
     """What :meth:`QCacheModel.generate` returns: one entry per prompt in ``text``, ``token_ids``
-    (generated, EOS included when hit) and ``prompt_token_ids``; sizes in bytes; times in s."""
+    (generated, EOS included when hit) and ``prompt_token_ids``; sizes in bytes; times in s.
+    ``mode`` is ``dense``, ``gla`` or ``vla``."""
 
     text: list
     token_ids: list
@@ -365,6 +403,7 @@ class GenerateResult:
     compile_seconds: float
     lazy_layers: list
     mode: str
+    schedule: Schedule | None = None
     logits: list | None = None  # with return_logits: per prompt, [n_generated, V] float32
 
     @property
@@ -373,30 +412,12 @@ class GenerateResult:
 
     def to_json(self, row: int | None = None) -> dict:
         """A JSON-ready dict; with ``row`` the per-prompt fields are that prompt's."""
-        d = dataclasses.asdict(self)
-        d.pop("logits")
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("logits", "schedule")}
         if row is not None:
             for k in ("text", "token_ids", "prompt_token_ids"):
                 d[k] = d[k][row]
         d["kv_saved_fraction"] = self.kv_saved_fraction
         return d
-
-
-_SETUP_ARGS = (
-    "prompt images input_ids pixel_values attention_mask lazy mode max_new_tokens temperature top_p top_k raw "
-    "eos_token_id cache_len attention_impl gla_reuse_probs return_logits"
-).split()
-
-
-def _locals_for_setup(scope: dict) -> dict:
-    return {k: scope[k] for k in _SETUP_ARGS}
-
-
-def _generate_defaults() -> dict:
-    import inspect
-
-    sig = inspect.signature(QCacheModel.generate)
-    return {k: p.default for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def _load_hf_helper(kind: str, path: Path):
@@ -419,20 +440,22 @@ def _load_hf_helper(kind: str, path: Path):
         return None
 
 
-def load(ckpt_dir: str | Path) -> QCacheModel:
-    """Load a checkpoint written by :func:`qcache_jax.convert_hf` (or ``qcache convert``)."""
+def load(ckpt_dir: str | Path, *, log: Callable[[str], None] | None = None) -> QCacheModel:
+    """Load a checkpoint written by :func:`qcache_jax.convert_hf` (or ``qcache convert``).
+
+    ``log``: a callable for progress messages (the CLI passes one that prints to stderr)."""
     path = Path(ckpt_dir).expanduser()
     if not path.is_dir():
         raise QCacheError(f"{ckpt_dir}: no such checkpoint directory")
     cfg = read_config(path)
+    if log:
+        log(f"loading {path} ({cfg.text.num_layers} decoder layers, {cfg.dtype})...")
     params = load_params(path, cfg)
     return QCacheModel(
         cfg,
         params,
         path=path,
         tokenizer=_load_hf_helper("tokenizer", path),
-        processor=_load_hf_helper("processor", path),
+        processor=_load_hf_helper("processor", path) if cfg.has_vision else None,
+        log=log,
     )
-
-
-_GENERATE_DEFAULTS = _generate_defaults()

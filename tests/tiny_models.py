@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcache_jax.testing import build_hf_llava, save_hf, tiny_tokenizer_and_processor  # noqa: F401
+from qcache_jax.demo.hf_models import build_hf_llava, save_hf, tiny_tokenizer_and_processor  # noqa: F401
 
 
 def layout_state_dict(model, layout: str) -> dict:

@@ -1,15 +1,16 @@
 """Llama-family decoder layer (RMSNorm, RoPE attention with GQA, SwiGLU) and the text model.
 
 A layer exposes its steps separately (queries, keys, values, output) because Lazy Attention
-runs only some of them: a GLA lazy layer never calls ``queries`` or ``keys``.
+runs only some of them: a GLA lazy layer never calls ``queries`` or ``keys``. Queries, keys
+and values are head-major ([B, H, T, D]), the layout of the KV cache.
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-from .config import TextConfig
-from .layers import Embed, Linear, RMSNorm, activation, stacked
+from ..config import TextConfig
+from .layers import Embed, Linear, RMSNorm, activation, layer_list
 from .rope import apply_rope
 
 
@@ -34,6 +35,12 @@ class MLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+def _heads(y, n_heads: int, head_dim: int):
+    """[B, T, H * D] -> head-major [B, H, T, D]."""
+    b, t, _ = y.shape
+    return y.reshape(b, t, n_heads, head_dim).transpose(0, 2, 1, 3)
+
+
 class DecoderLayer(nnx.Module):
     """One decoder layer, split into the steps Lazy Attention schedules separately."""
 
@@ -48,26 +55,26 @@ class DecoderLayer(nnx.Module):
         return self.input_layernorm(h)
 
     def queries(self, x, cos, sin):
-        """Post-RoPE queries [B, T, Hq, D]: what the Q Cache holds for an anchor."""
-        q = self.self_attn.q_proj(x).reshape(*x.shape[:2], self.num_heads, self.head_dim)
-        return apply_rope(q, cos, sin)
+        """Post-RoPE queries [B, Hq, T, D]: what the Q Cache holds for an anchor."""
+        return apply_rope(_heads(self.self_attn.q_proj(x), self.num_heads, self.head_dim), cos, sin)
 
     def keys(self, x, cos, sin):
-        """Post-RoPE keys [B, T, Hkv, D], as stored in the KV cache."""
-        k = self.self_attn.k_proj(x).reshape(*x.shape[:2], self.num_kv_heads, self.head_dim)
-        return apply_rope(k, cos, sin)
+        """Post-RoPE keys [B, Hkv, T, D], as stored in the KV cache."""
+        return apply_rope(_heads(self.self_attn.k_proj(x), self.num_kv_heads, self.head_dim), cos, sin)
 
     def values(self, x):
-        return self.self_attn.v_proj(x).reshape(*x.shape[:2], self.num_kv_heads, self.head_dim)
+        """Values [B, Hkv, T, D]."""
+        return _heads(self.self_attn.v_proj(x), self.num_kv_heads, self.head_dim)
 
     def output(self, h, attn):
-        """Residual stream after the attention output ``attn`` [B, T, Hq, D] and the MLP."""
-        h = h + self.self_attn.o_proj(attn.reshape(*attn.shape[:2], -1))
+        """Residual stream after the attention output ``attn`` [B, Hq, T, D] and the MLP."""
+        b, hq, t, d = attn.shape
+        h = h + self.self_attn.o_proj(attn.transpose(0, 2, 1, 3).reshape(b, t, hq * d))
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class LanguageModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
-        self.layers = stacked(cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs)
+        self.layers = layer_list(cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)

@@ -1,4 +1,5 @@
-"""Small Flax NNX building blocks whose parameter names map one-to-one onto Hugging Face's.
+"""Small Flax NNX building blocks whose parameter names map one-to-one onto Hugging Face's, and
+the one loop over a list of identical layers (scanned or unrolled).
 
 HF ``nn.Linear.weight`` [out, in] becomes ``kernel`` [in, out]; norm ``weight`` becomes
 ``scale``; ``nn.Embedding.weight`` becomes ``embedding``. The converter relies on these names.
@@ -6,11 +7,14 @@ HF ``nn.Linear.weight`` [out, in] becomes ``kernel`` [in, out]; norm ``weight`` 
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 _INIT_STD = 0.02
+LOOPS = ("scan", "unroll")
 
 
 def _gelu_exact(x):
@@ -60,8 +64,9 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x):
-        """Tied output head: logits against the embedding table."""
-        return x @ self.embedding[...].T
+        """Tied output head: logits against the embedding table, contracting its last axis
+        directly (``x @ E.T`` would ask XLA for a transposed copy of the whole table)."""
+        return jax.lax.dot_general(x, self.embedding[...], (((x.ndim - 1,), (1,)), ((), ())))
 
 
 class LayerNorm(nnx.Module):
@@ -91,41 +96,55 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * y.astype(x.dtype)
 
 
-def stacked(n: int, make, rngs: nnx.Rngs):
-    """``n`` copies of the module built by ``make(rngs)``, parameters stacked on a leading axis."""
+def layer_list(n: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.List:
+    """``n`` layers built by ``make(rngs)``, each with its own parameter arrays.
 
-    @nnx.split_rngs(splits=n)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def build(r):
-        return make(r)
-
-    return build(rngs)
-
-
-def scan_layers(stack: nnx.Module, body, carry, xs=None, *, unroll: bool = False):
-    """Run ``body(layer, carry, x) -> (carry, y)`` over a stacked module, scanned or unrolled.
-
-    ``unroll=True`` runs a Python loop over static layer slices (same layer code, one XLA
-    computation per layer); ``False`` traces the layer once inside ``lax.scan``.
+    Layers are kept as separate arrays (not stacked on a leading axis) because the decode loop
+    reads every layer's weights every step: slicing a layer out of a stacked array inside a
+    jitted loop makes XLA copy the slice each time. A scanned loop stacks them on the fly.
     """
-    graphdef, state = nnx.split(stack)
+    return nnx.List([make(rngs) for _ in range(n)])
+
+
+def check_loop(loop: str) -> str:
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
+    return loop
+
+
+def stack_trees(trees: Sequence):
+    """Stack identically-structured pytrees leaf by leaf on a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def unstack_tree(tree, n: int) -> list:
+    """The inverse of :func:`stack_trees`: ``n`` pytrees (static slices of the leading axis)."""
+    return [jax.tree.map(lambda a, i=i: a[i], tree) for i in range(n)]
+
+
+def layer_loop(layers: Sequence[nnx.Module], body, carry, xs: Sequence | None = None, *, loop: str = "scan"):
+    """Run ``body(layer, carry, x) -> (carry, y)`` over ``layers`` (identical structure).
+
+    ``loop="scan"`` stacks the layers' parameters (and the per-layer inputs ``xs``) and traces
+    the body once inside ``lax.scan``: one compiled layer, fast to compile, the layer weights
+    copied into a stack per call. ``loop="unroll"`` runs a Python loop over the layers: one
+    computation per layer reading each layer's own arrays in place. ``xs`` is a sequence with one
+    pytree (or None) per layer. Returns ``(carry, ys)`` with ``ys`` a list, one entry per layer.
+    """
+    n = len(layers)
+    xs = [None] * n if xs is None else list(xs)
+    if check_loop(loop) == "unroll":
+        ys = []
+        for layer, x in zip(layers, xs):
+            carry, y = body(layer, carry, x)
+            ys.append(y)
+        return carry, ys
+    graphdef, _ = nnx.split(layers[0])
+    states = stack_trees([nnx.split(layer)[1] for layer in layers])
 
     def step(c, inp):
-        layer_state, x = inp
-        return body(nnx.merge(graphdef, layer_state), c, x)
+        state, x = inp
+        return body(nnx.merge(graphdef, state), c, x)
 
-    if not unroll:
-        return jax.lax.scan(step, carry, (state, xs))
-    ys = []
-    for i, layer in enumerate(unstack(stack)):
-        carry, y = body(layer, carry, jax.tree.map(lambda a: a[i], xs))
-        ys.append(y)
-    ys = jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys and ys[0] is not None else None
-    return carry, ys
-
-
-def unstack(stack: nnx.Module) -> list[nnx.Module]:
-    """The layers of a stacked module as separate modules (static slices), for unrolled loops."""
-    graphdef, state = nnx.split(stack)
-    n = jax.tree.leaves(state)[0].shape[0]
-    return [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state)) for i in range(n)]
+    carry, ys = jax.lax.scan(step, carry, (states, stack_trees(xs) if xs[0] is not None else None))
+    return carry, (unstack_tree(ys, n) if ys is not None else [None] * n)

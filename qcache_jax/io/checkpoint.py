@@ -1,8 +1,9 @@
-"""Checkpoint directories: Orbax parameters, the model config and HF side files, written atomically.
+"""Checkpoint directories: Orbax parameters, the model config and HF side files.
 
 Layout of a checkpoint directory::
 
-    params/               Orbax (StandardCheckpointer) parameter pytree
+    params/               Orbax (StandardCheckpointer) parameter pytree, one array per
+                          parameter and layer (``language_model.layers.3.self_attn...``)
     qcache_config.json    LlavaConfig (frozen dataclasses as JSON)
     schedule.json         optional: the calibrated lazy schedule (``--lazy auto``)
     tokenizer*, preprocessor_config.json, chat_template.*, ...  copied from the HF model
@@ -12,16 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from .config import LlavaConfig
-from .errors import QCacheError
+from ..config import LlavaConfig
+from ..errors import QCacheError
+from ..nn.llava import abstract_model
 
 CONFIG_FILE = "qcache_config.json"
 PARAMS_DIR = "params"
@@ -43,46 +43,25 @@ SIDE_FILES = (
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path, *, force: bool = False):
-    """Yield a temporary directory beside ``out``; rename it to ``out`` only if the block succeeds.
-
-    Any exception, KeyboardInterrupt included, removes the temporary directory, so nothing is
-    left at ``out``. With ``force`` an existing ``out`` is replaced only after success.
-    """
-    out = Path(out).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should be an ordinary directory
-    try:
-        yield tmp
-        if out.exists():
-            if not force:
-                raise QCacheError(f"{out} already exists (use --force to overwrite)")
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _checkpointer():
+    """An Orbax checkpointer that is always closed: an unclosed one can print 'Event loop is
+    closed' tracebacks at interpreter exit after an error."""
     import orbax.checkpoint as ocp
 
-    return ocp.StandardCheckpointer()
+    ckptr = ocp.StandardCheckpointer()
+    try:
+        yield ckptr
+    finally:
+        ckptr.close()
 
 
 def save_checkpoint(directory: Path, cfg: LlavaConfig, params) -> None:
     """Write ``params`` (Orbax) and ``cfg`` (JSON) into ``directory``."""
     directory = Path(directory).absolute()
-    ckptr = _checkpointer()
-    ckptr.save(directory / PARAMS_DIR, params)
-    ckptr.wait_until_finished()
+    params = jax.tree.map(np.asarray, params)
+    with _checkpointer() as ckptr:
+        ckptr.save(directory / PARAMS_DIR, params)
+        ckptr.wait_until_finished()
     (directory / CONFIG_FILE).write_text(cfg.to_json())
 
 
@@ -106,15 +85,15 @@ def read_config(directory: Path) -> LlavaConfig:
 
 
 def load_params(directory: Path, cfg: LlavaConfig):
-    """Restore the parameter pytree as jax arrays, checked against the config's abstract tree."""
-    from .convert import abstract_params
-
+    """Restore the parameter pytree as jax arrays (on the default device, once: numpy arrays
+    would be copied to the device at every call), checked against the config's abstract tree."""
     directory = Path(directory).absolute()
-    _, abstract = abstract_params(cfg)
+    _, abstract = abstract_model(cfg)
     if not (directory / PARAMS_DIR).is_dir():
         raise QCacheError(f"{directory}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
     try:
-        params = _checkpointer().restore(directory / PARAMS_DIR, abstract)
+        with _checkpointer() as ckptr:
+            params = ckptr.restore(directory / PARAMS_DIR, abstract)
     except Exception as e:  # orbax raises a variety of types for damaged or mismatched files
         msg = str(e).splitlines()[0][:300] if str(e) else ""
         raise QCacheError(f"{directory}/{PARAMS_DIR}: cannot restore parameters ({type(e).__name__}: {msg})") from None
@@ -125,4 +104,4 @@ def load_params(directory: Path, cfg: LlavaConfig):
     ]
     if bad:
         raise QCacheError(f"{directory}: parameters do not match the config: {', '.join(bad[:10])}")
-    return params
+    return jax.device_put(params)

@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..config import LlavaConfig, VisionConfig
 from .attention import attend
-from .config import LlavaConfig, VisionConfig
-from .layers import Embed, LayerNorm, Linear, activation, scan_layers, stacked
+from .layers import Embed, LayerNorm, Linear, activation, layer_list, layer_loop
 
 
 class CLIPAttention(nnx.Module):
@@ -22,11 +22,15 @@ class CLIPAttention(nnx.Module):
 
     def __call__(self, x):
         b, t, d = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        h = self.num_heads
+
+        def split(y):  # [B, T, D] -> head-major [B, H, T, D / H]
+            return y.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
+
         # Bidirectional attention over patches: every key visible (all positions equal, all valid).
         pos = jnp.zeros((b, t), jnp.int32)
         o = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), pos, pos, pos == 0)
-        return self.out_proj(o.reshape(b, t, d))
+        return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
 class CLIPMLP(nnx.Module):
@@ -83,13 +87,13 @@ class VisionTower(nnx.Module):
         self.embeddings = CLIPEmbeddings(cfg, dtype=dtype, rngs=rngs)
         self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.encoder = nnx.Dict(
-            layers=stacked(cfg.num_layers, lambda r: CLIPEncoderLayer(cfg, dtype=dtype, rngs=r), rngs)
+            layers=layer_list(cfg.num_layers, lambda r: CLIPEncoderLayer(cfg, dtype=dtype, rngs=r), rngs)
         )
         # CLIP's post_layernorm only feeds the pooled output, which LLaVA never reads.
         self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.cfg = cfg
 
-    def __call__(self, pixel_values, feature_layers: tuple[int, ...], *, unroll: bool = False):
+    def __call__(self, pixel_values, feature_layers: tuple[int, ...], *, loop: str = "scan"):
         """Hidden states at ``feature_layers`` (indices into HF's ``hidden_states``; 0 = embeddings).
 
         Only the layers up to the deepest requested one run: LLaVA-1.5 reads layer -2, so the
@@ -99,20 +103,14 @@ class VisionTower(nnx.Module):
         deepest = max(feature_layers)
         out = {0: h}
         if deepest > 0:
-            layers = _first_layers(self.encoder["layers"], deepest)
 
             def body(layer, x, _):
                 x = layer(x)
                 return x, x
 
-            _, hs = scan_layers(layers, body, h, unroll=unroll)
+            _, hs = layer_loop(list(self.encoder["layers"])[:deepest], body, h, loop=loop)
             out.update({i: hs[i - 1] for i in feature_layers if i > 0})
         return [out[i] for i in feature_layers]
-
-
-def _first_layers(stack: nnx.Module, n: int) -> nnx.Module:
-    graphdef, state = nnx.split(stack)
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[:n], state))
 
 
 class Projector(nnx.Module):

@@ -7,7 +7,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from .config import RopeConfig
+from ..config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> np.ndarray:
@@ -37,8 +37,8 @@ def rope_angles(positions, inv_freq):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate ``x`` [B, T, H, D] by angles [B, T, D] (HF's rotate-half convention)."""
+    """Rotate head-major ``x`` [B, H, T, D] by angles [B, T, D] (HF's rotate-half convention)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    c, s = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)
     return x * c + rotated * s

@@ -16,7 +16,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from .errors import QCacheError
+from ..errors import QCacheError
 
 _ST_DTYPES = {
     "F64": np.float64,

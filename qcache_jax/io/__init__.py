@@ -1,0 +1,1 @@
+"""Checkpoint input/output: tensor readers, HF names, conversion, export, Orbax checkpoints."""

@@ -1,0 +1,218 @@
+"""``transformers`` configs <-> :class:`~qcache_jax.config.LlavaConfig`, both directions.
+
+:func:`from_hf_config` reads a transformers ``LlavaConfig`` (or a text-only Llama / Mistral /
+Qwen2 config) and refuses, naming the field, anything this project does not implement rather
+than converting a model that would then compute something else. :func:`to_hf_config` is the
+one builder of transformers configs: export, the tests' tiny models, the benchmarks' Hugging
+Face peers and the demo models all go through it.
+"""
+
+from __future__ import annotations
+
+from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..errors import QCacheError
+
+SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_VISION_TYPES = ("clip_vision_model",)
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
+
+
+def _as_tuple(x) -> tuple[int, ...]:
+    if x is None:
+        return ()
+    if isinstance(x, (list, tuple)):
+        return tuple(int(i) for i in x)
+    return (int(x),)
+
+
+def _check_act(name: str, where: str) -> str:
+    if name not in SUPPORTED_ACTIVATIONS:
+        raise QCacheError(f"unsupported activation {name!r} for {where}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+    return name
+
+
+def _rope_from_hf(tc) -> RopeConfig:
+    params = dict(getattr(tc, "rope_parameters", None) or {})
+    # transformers < 5 configs keep the scaling in `rope_scaling` and the base in `rope_theta`.
+    legacy = dict(getattr(tc, "rope_scaling", None) or {})
+    for k, v in legacy.items():
+        params.setdefault(k, v)
+    theta = params.get("rope_theta", getattr(tc, "rope_theta", None))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise QCacheError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise QCacheError("partial_rotary_factor != 1 is not supported")
+    return RopeConfig(
+        theta=float(theta if theta is not None else 10000.0),
+        rope_type=rope_type,
+        factor=float(params.get("factor", 1.0)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(
+            params.get("original_max_position_embeddings", getattr(tc, "max_position_embeddings", 8192))
+        ),
+    )
+
+
+def text_config_from_hf(tc, *, tie_word_embeddings: bool | None = None) -> TextConfig:
+    """The decoder's :class:`TextConfig` from a transformers Llama / Mistral / Qwen2 config."""
+    if tc.model_type not in SUPPORTED_TEXT_TYPES:
+        raise QCacheError(
+            f"unsupported text model_type {tc.model_type!r}; supported: {', '.join(SUPPORTED_TEXT_TYPES)}"
+        )
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
+    attention_bias = bool(getattr(tc, "attention_bias", False))
+    tie = bool(getattr(tc, "tie_word_embeddings", False)) if tie_word_embeddings is None else tie_word_embeddings
+    return TextConfig(
+        vocab_size=int(tc.vocab_size),
+        hidden_size=int(tc.hidden_size),
+        intermediate_size=int(tc.intermediate_size),
+        num_layers=int(tc.num_hidden_layers),
+        num_heads=int(tc.num_attention_heads),
+        num_kv_heads=int(n_kv),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(tc.rms_norm_eps),
+        rope=_rope_from_hf(tc),
+        max_position_embeddings=int(getattr(tc, "max_position_embeddings", 4096)),
+        # Qwen2 has biases on q/k/v but not on o_proj; Llama's attention_bias covers all four.
+        qkv_bias=True if tc.model_type == "qwen2" else attention_bias,
+        o_bias=attention_bias if tc.model_type == "llama" else False,
+        mlp_bias=bool(getattr(tc, "mlp_bias", False)),
+        hidden_act=_check_act(tc.hidden_act, "the text MLP"),
+        tie_word_embeddings=tie,
+        model_type=tc.model_type,
+        bos_token_id=getattr(tc, "bos_token_id", None),
+        eos_token_id=_as_tuple(getattr(tc, "eos_token_id", None)),
+        pad_token_id=getattr(tc, "pad_token_id", None),
+    )
+
+
+def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
+    """A :class:`LlavaConfig` from a transformers ``LlavaConfig``, or from a Llama / Mistral /
+    Qwen2 text config (a text-only model: no vision tower, no image tokens)."""
+    model_type = getattr(hf, "model_type", None)
+    if model_type in SUPPORTED_TEXT_TYPES:
+        return LlavaConfig(vision=None, text=text_config_from_hf(hf), image_token_id=None, image_seq_length=0, dtype=dtype)
+    if model_type != "llava":
+        raise QCacheError(
+            f"unsupported model_type {model_type!r}: supported are 'llava' and text-only {', '.join(SUPPORTED_TEXT_TYPES)}"
+        )
+    vc, tc = hf.vision_config, hf.text_config
+    if vc.model_type not in SUPPORTED_VISION_TYPES:
+        raise QCacheError(f"unsupported vision tower {vc.model_type!r}; supported: {', '.join(SUPPORTED_VISION_TYPES)}")
+    strategy = hf.vision_feature_select_strategy
+    if strategy not in ("default", "full"):
+        raise QCacheError(f"unsupported vision_feature_select_strategy {strategy!r}")
+    tie = bool(getattr(hf, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+    text = text_config_from_hf(tc, tie_word_embeddings=tie)
+    vision = VisionConfig(
+        hidden_size=int(vc.hidden_size),
+        intermediate_size=int(vc.intermediate_size),
+        num_layers=int(vc.num_hidden_layers),
+        num_heads=int(vc.num_attention_heads),
+        image_size=int(vc.image_size),
+        patch_size=int(vc.patch_size),
+        num_channels=int(getattr(vc, "num_channels", 3)),
+        layer_norm_eps=float(vc.layer_norm_eps),
+        hidden_act=_check_act(vc.hidden_act, "the vision MLP"),
+    )
+    image_token_id = int(hf.image_token_index if hasattr(hf, "image_token_index") else hf.image_token_id)
+    if not 0 <= image_token_id < text.vocab_size:
+        raise QCacheError(f"image_token_index {image_token_id} is outside the vocabulary (size {text.vocab_size})")
+    vfl = hf.vision_feature_layer
+    for i in (vfl,) if isinstance(vfl, int) else vfl:
+        if not -(vision.num_layers + 1) <= i <= vision.num_layers:
+            raise QCacheError(f"vision_feature_layer {i} is out of range for {vision.num_layers} vision layers")
+    return LlavaConfig(
+        vision=vision,
+        text=text,
+        image_token_id=image_token_id,
+        image_seq_length=int(getattr(hf, "image_seq_length", vision.num_patches)),
+        projector_hidden_act=_check_act(hf.projector_hidden_act, "the projector"),
+        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+        vision_feature_layer=vfl if isinstance(vfl, int) else tuple(int(i) for i in vfl),
+        vision_feature_select_strategy=strategy,
+        dtype=dtype,
+    )
+
+
+def to_hf_text_config(t: TextConfig, **extra):
+    """A transformers Llama / Mistral / Qwen2 config describing ``t`` (``extra``: HF-only fields
+    such as ``initializer_range``)."""
+    from transformers import AutoConfig
+
+    rope = {"rope_type": t.rope.rope_type, "rope_theta": t.rope.theta}
+    if t.rope.rope_type in ("linear", "llama3"):
+        rope["factor"] = t.rope.factor
+    if t.rope.rope_type == "llama3":
+        rope.update(
+            low_freq_factor=t.rope.low_freq_factor,
+            high_freq_factor=t.rope.high_freq_factor,
+            original_max_position_embeddings=t.rope.original_max_position_embeddings,
+        )
+    eos = list(t.eos_token_id) if len(t.eos_token_id) > 1 else (t.eos_token_id[0] if t.eos_token_id else None)
+    kw = dict(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        head_dim=t.head_dim,
+        rms_norm_eps=t.rms_norm_eps,
+        rope_parameters=rope,
+        max_position_embeddings=t.max_position_embeddings,
+        hidden_act=t.hidden_act,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=t.pad_token_id,
+    )
+    if t.model_type == "llama":
+        if t.qkv_bias != t.o_bias:
+            raise QCacheError("a Llama text model has attention biases on all of q/k/v/o or none")
+        kw.update(attention_bias=t.qkv_bias, mlp_bias=t.mlp_bias)
+    elif t.qkv_bias != (t.model_type == "qwen2") or t.o_bias or t.mlp_bias:
+        raise QCacheError(f"biases of this checkpoint cannot be expressed as a {t.model_type} config")
+    kw.update(extra)
+    return AutoConfig.for_model(t.model_type, **kw)
+
+
+def to_hf_config(cfg: LlavaConfig, *, text_extra: dict | None = None, vision_extra: dict | None = None):
+    """A transformers ``LlavaConfig`` (or text config, for a text-only model) describing ``cfg``;
+    the inverse of :func:`from_hf_config`. ``text_extra`` / ``vision_extra``: HF-only fields
+    of the sub-configs (``initializer_range``, ...)."""
+    from transformers import CLIPVisionConfig, LlavaConfig as HFLlavaConfig
+
+    text = to_hf_text_config(cfg.text, **(text_extra or {}))
+    if cfg.vision is None:
+        return text
+    v = cfg.vision
+    vision = CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=v.num_channels,
+        layer_norm_eps=v.layer_norm_eps,
+        hidden_act=v.hidden_act,
+        projection_dim=v.hidden_size,
+        **(vision_extra or {}),
+    )
+    vfl = cfg.vision_feature_layer
+    return HFLlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=cfg.image_token_id,
+        image_seq_length=cfg.image_seq_length,
+        vision_feature_layer=vfl if isinstance(vfl, int) else list(vfl),
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        projector_hidden_act=cfg.projector_hidden_act,
+        multimodal_projector_bias=cfg.projector_bias,
+        tie_word_embeddings=cfg.text.tie_word_embeddings,
+    )

@@ -1,0 +1,204 @@
+"""Lazy Attention with Q Cache (docs/method.md): a lazy layer inherits its anchor's attention.
+
+GLA: the lazy layer attends with the anchor's post-RoPE queries (the Q Cache) and keys for
+every token and computes only its own values. VLA: the same at image-token positions only;
+text positions use the layer's own queries and keys.
+
+:class:`LazyAttention` is one layer's attention in one pass, called by the layer stack
+(:func:`qcache_jax.lazy.stack.run_layers`): it takes the layer, its normalised input, the
+carried :class:`QCache`, the layer's lazy flag and (prefill, decode) its cache segments, and
+returns the attention output, the next carry and the layer's new cache segments. The flag is
+a Python bool when the schedule is fixed at trace time (unrolled loop) or a traced scalar
+(scanned loop: ``lax.cond``, so only one branch runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..kernels import reference_attention
+from ..nn.attention import attend, decode_segments, lazy_pv_segments
+from .cache import LayerCache
+from .schedule import DEFAULT_MODE, check_mode
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class QCache:
+    """What an anchor hands the lazy layers of its block, carried layer to layer.
+
+    ``q``: the Q Cache, the anchor's post-RoPE queries of this pass ([B, Hq, T, D] for a
+    sequence; [B, Hq, D] for one decode step). ``k``: the keys a lazy layer inherits: the
+    anchor's keys of the sequence ``(K [B, Hkv, T, D],)``, or in decode the anchor's cache key
+    segments ``(visual, text)`` read in place. ``probs`` (GLA decode): the anchor's attention
+    probabilities per segment ([B, Hq, S_i]), which its lazy layers multiply with their own V.
+    """
+
+    q: jax.Array
+    k: tuple
+    probs: tuple | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SequencePass:
+    """A whole sequence at once (full forward, prefill, calibration probe).
+
+    ``cos``/``sin`` [B, T, D]; ``positions``, ``valid`` (key padding) and ``vis`` (image
+    positions) [B, T]. ``probe_rows`` [R]: also return every layer's attention probabilities of
+    those query rows (calibration). Prefill also gives ``img_idx`` [B, S_img] / ``txt_idx``
+    [B, T_txt]: the prompt positions of each row's image / text tokens, in order.
+    """
+
+    cos: jax.Array
+    sin: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    vis: jax.Array
+    probe_rows: jax.Array | None = None
+    img_idx: jax.Array | None = None
+    txt_idx: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePass:
+    """One new (text) token per row: angles [B, 1, D] and the valid entries per segment [B]."""
+
+    cos: jax.Array
+    sin: jax.Array
+    n_img: jax.Array
+    n_txt: jax.Array
+
+
+def _gather(x, idx):
+    """x [B, H, T, D] at per-row token indices idx [B, S] -> [B, H, S, D]."""
+    return jnp.take_along_axis(x, idx[:, None, :, None], axis=2)
+
+
+def _write(cache, slot, value):
+    """cache[b, :, slot[b]] = value[b, :, 0]; an out-of-range slot (full cache) writes nothing."""
+    rows = jnp.arange(cache.shape[0])
+    return cache.at[rows, :, slot].set(value[:, :, 0].astype(cache.dtype), mode="drop")
+
+
+def _select(is_lazy, lazy_fn, anchor_fn, operand):
+    """A static flag picks a branch in Python; a traced one runs ``lax.cond`` (one branch)."""
+    if isinstance(is_lazy, (bool, np.bool_)):
+        return (lazy_fn if is_lazy else anchor_fn)(operand)
+    return jax.lax.cond(is_lazy, lazy_fn, anchor_fn, operand)
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyAttention:
+    """Attention of one decoder layer under the lazy schedule, in ``mode`` ``vla`` or ``gla``.
+
+    ``reuse_probs`` (GLA decode): lazy layers multiply the anchor's attention probabilities
+    with their own V instead of recomputing softmax(Q_b K_b^T) (the same numbers).
+    """
+
+    mode: str = DEFAULT_MODE
+    impl: str = "auto"
+    reuse_probs: bool = True
+
+    def __post_init__(self):
+        check_mode(self.mode)
+
+    @property
+    def passes_probs(self) -> bool:
+        return self.mode == "gla" and self.reuse_probs
+
+    def __call__(self, layer, x, qc, is_lazy, ctx, cache=None, *, stores=(True, True), hands_probs=False):
+        """(attention output [B, Hq, T, D], next QCache, new LayerCache or None, probe or None).
+
+        ``stores`` (prefill): which key segments this layer writes (:meth:`Schedule.stores_k`;
+        a scanned loop writes both and the stack drops the unstored ones afterwards). In decode
+        a layer's missing key arrays are None and stay None. ``hands_probs``: a GLA anchor with a lazy
+        block after it returns its decode probabilities in the carry.
+        """
+        if isinstance(ctx, DecodePass):
+            out, qc, new = self._decode(layer, x, qc, is_lazy, ctx, cache, hands_probs)
+            return out[:, :, None], qc, new, None
+        return self._sequence(layer, x, qc, is_lazy, ctx, cache, stores)
+
+    # -- a whole sequence ------------------------------------------------------------------------
+
+    def _sequence(self, layer, x, qc, is_lazy, ctx: SequencePass, cache, stores):
+        def anchor(qc):
+            q, k = layer.queries(x, ctx.cos, ctx.sin), layer.keys(x, ctx.cos, ctx.sin)
+            return q, k, QCache(q, (k,))
+
+        def lazy(qc):
+            if self.mode == "gla":
+                return qc.q, qc.k[0], qc  # no q/k projection at all
+            sel = ctx.vis[:, None, :, None]
+            q = jnp.where(sel, qc.q, layer.queries(x, ctx.cos, ctx.sin))
+            k = jnp.where(sel, qc.k[0], layer.keys(x, ctx.cos, ctx.sin))
+            return q, k, qc
+
+        q, k, qc = _select(is_lazy, lazy, anchor, qc)
+        v = layer.values(x)
+        out = attend(q, k, v, ctx.positions, ctx.positions, ctx.valid, impl=self.impl)
+        probe = None
+        if ctx.probe_rows is not None:
+            rows = ctx.probe_rows
+            *_, probe = reference_attention(
+                q[:, :, rows], k, v, ctx.positions[:, rows], ctx.positions, ctx.valid, return_probs=True
+            )
+        new = None
+        if cache is not None:
+            # A VLA lazy layer's k equals its own keys at text positions (the anchor's at image
+            # positions, which it does not store).
+            t = ctx.txt_idx.shape[1]
+
+            def text(seg, full):
+                return seg.at[:, :, :t].set(_gather(full, ctx.txt_idx).astype(seg.dtype))
+
+            new = LayerCache(
+                k_img=_gather(k, ctx.img_idx).astype(cache.v_img.dtype) if stores[0] else None,
+                k_txt=text(cache.k_txt, k) if stores[1] else None,
+                v_img=_gather(v, ctx.img_idx).astype(cache.v_img.dtype),
+                v_txt=text(cache.v_txt, v),
+            )
+        return out, qc, new, probe
+
+    # -- one decode step ---------------------------------------------------------------------------
+
+    def _decode(self, layer, x, qc, is_lazy, ctx: DecodePass, c: LayerCache, hands_probs):
+        v_txt = _write(c.v_txt, ctx.n_txt, layer.values(x))
+        n_new = ctx.n_txt + 1
+        has_img = c.v_img.shape[2] > 0
+
+        def segs(k_img, k_txt):
+            return ([(k_img, c.v_img, ctx.n_img)] if has_img else []) + [(k_txt, v_txt, n_new)]
+
+        def anchor(qc):
+            q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
+            k_txt = _write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
+            out, probs = decode_segments(q, segs(c.k_img, k_txt), impl=self.impl, return_probs=hands_probs)
+            new_qc = QCache(q, (c.k_img, k_txt) if has_img else (k_txt,), probs)
+            return out, new_qc, LayerCache(c.k_img, k_txt, c.v_img, v_txt)
+
+        def anchor_keys(qc):
+            return (qc.k[0], qc.k[1]) if has_img else (None, qc.k[0])
+
+        def lazy(qc):
+            k_img, k_txt = anchor_keys(qc)
+            if self.mode == "gla":
+                if self.passes_probs:
+                    values = ([(c.v_img, ctx.n_img)] if has_img else []) + [(v_txt, n_new)]
+                    out = lazy_pv_segments(qc.probs, values, impl=self.impl)
+                else:
+                    out, _ = decode_segments(qc.q, segs(k_img, k_txt), impl=self.impl)
+                # Keys pass through untouched (None: the layer stores none).
+                return out, qc, LayerCache(c.k_img, c.k_txt, c.v_img, v_txt)
+            # VLA: the new token is text, so the layer uses its own query and keeps its own text
+            # keys; the visual keys are the anchor's.
+            q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
+            own = _write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
+            out, _ = decode_segments(q, segs(k_img, own), impl=self.impl)
+            return out, qc, LayerCache(c.k_img, own, c.v_img, v_txt)
+
+        return _select(is_lazy, lazy, anchor, qc)

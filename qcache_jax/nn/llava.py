@@ -1,0 +1,87 @@
+"""The LLaVA model as NNX modules with Hugging Face's parameter names.
+
+``Llava`` holds the parameters (``lm_head`` absent when tied; ``vision_tower`` and
+``multi_modal_projector`` absent for a text-only checkpoint). The decoder layers are run by
+:func:`qcache_jax.lazy.stack.run_layers`; this module provides what comes before them (token
+embeddings with image features scattered in) and after them (final norm and head).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from ..config import LlavaConfig
+from .decoder import LanguageModel
+from .layers import Linear
+from .rope import inverse_frequencies, rope_angles
+from .vision import Projector, VisionTower
+
+
+class Llava(nnx.Module):
+    """LlavaForConditionalGeneration (or, without a vision config, a ``*ForCausalLM``)."""
+
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.vision is not None:
+            self.vision_tower = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
+            self.multi_modal_projector = Projector(cfg, dtype=dtype, rngs=rngs)
+        else:
+            self.vision_tower = self.multi_modal_projector = None
+        self.language_model = LanguageModel(cfg.text, dtype=dtype, rngs=rngs)
+        if not cfg.text.tie_word_embeddings:
+            self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        else:
+            self.lm_head = None
+        self.cfg = cfg
+
+    @property
+    def layers(self):
+        """The decoder layers (a list of :class:`~qcache_jax.nn.decoder.DecoderLayer`)."""
+        return list(self.language_model.layers)
+
+    def image_features(self, pixel_values, *, loop: str = "scan"):
+        """Projected image features [N, tokens_per_image, hidden] for ``pixel_values`` [N, C, H, W]."""
+        hs = self.vision_tower(pixel_values, self.cfg.feature_layers, loop=loop)
+        if self.cfg.vision_feature_select_strategy == "default":
+            hs = [h[:, 1:] for h in hs]
+        return self.multi_modal_projector(jnp.concatenate(hs, axis=-1))
+
+    def embed(self, input_ids, pixel_values=None, *, loop: str = "scan"):
+        """Token embeddings with image features scattered into the image-token positions.
+
+        Like HF's ``masked_scatter``: the k-th image token of the batch (row-major) receives the
+        k-th feature row. Extra (padding) features are ignored, so image counts can be bucketed.
+        """
+        emb = self.language_model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return emb
+        feats = self.image_features(pixel_values, loop=loop).astype(emb.dtype)
+        feats = feats.reshape(-1, feats.shape[-1])
+        is_img = input_ids == self.cfg.image_token_id
+        idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
+        return jnp.where(is_img[..., None], feats[idx], emb)
+
+    def is_image(self, input_ids):
+        """Image-token positions (the visual positions VLA inherits), all False for text-only."""
+        if self.cfg.image_token_id is None:
+            return jnp.zeros(input_ids.shape, bool)
+        return input_ids == self.cfg.image_token_id
+
+    def head(self, h):
+        """Final norm and output projection; logits in float32."""
+        h = self.language_model.norm(h)
+        if self.lm_head is None:
+            return self.language_model.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def rope(self, positions):
+        """cos and sin [B, T, head_dim] for integer positions [B, T]."""
+        t = self.cfg.text
+        return rope_angles(positions, inverse_frequencies(t.rope, t.head_dim))
+
+
+def abstract_model(cfg: LlavaConfig):
+    """(graphdef, pure dict of ShapeDtypeStruct) of the model, without allocating anything."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0))))
+    return graphdef, nnx.to_pure_dict(state)

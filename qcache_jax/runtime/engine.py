@@ -1,0 +1,402 @@
+"""Jitted prefill and decode over the lazy KV cache, and the bucketed generate driver.
+
+Decode runs a ``lax.while_loop`` inside one jitted call: sample, stop per row on EOS, at
+``max_new_tokens`` or when the row's cache is full. Layers are unrolled with the schedule fixed
+at trace time and every layer reads its own weight and cache arrays in place (no per-step
+slice or transpose copies; tests/test_hlo.py checks the optimized HLO). Shapes are bucketed
+(:func:`bucket`) and compiled executables are kept per plan, so a new prompt of a known bucket
+never recompiles; the decoding state is donated and reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..errors import QCacheError
+from ..lazy.attention import LazyAttention
+from ..lazy.cache import CacheLayout, DecodingState, init_state, layout_kv_bytes
+from ..lazy.schedule import Schedule
+from . import forward
+from .sampling import sample
+
+# Below this many tokens prompts are padded to a power of two (few buckets, little waste);
+# above it to a multiple of 1/8 of the power of two below, so padding stays <= 12.5%.
+FINE_BUCKETS_ABOVE = 256
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The padded size for ``n`` tokens: a power of two up to 256, then the next multiple of
+    2**(floor(log2 n) - 3) (e.g. 609 -> 640, 2881 -> 3072)."""
+    n = max(int(n), minimum)
+    if n <= FINE_BUCKETS_ABOVE:
+        return 1 << (n - 1).bit_length()
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
+
+
+def pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 1) (batch and image-count buckets)."""
+    return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything static about one compiled prefill/decode pair."""
+
+    layout: CacheLayout
+    prompt_len: int  # T: padded prompt length
+    n_images: int  # padded image count of the batch
+    max_new: int  # token buffer size (a bucket of max_new_tokens)
+    attn: LazyAttention
+    eos: tuple[int, ...]
+    pad_id: int
+    keep_logits: bool = False  # also return each emitted token's logits [B, max_new, V]
+    loop: str = "unroll"
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.layout.schedule
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Sampling:
+    """Sampling settings as traced scalars: changing them never recompiles."""
+
+    key: jax.Array
+    max_new: jax.Array  # int32: tokens to generate per row (<= the plan's max_new)
+    temperature: jax.Array  # float32; <= 0 is greedy
+    top_k: jax.Array  # int32; <= 0 is off
+    top_p: jax.Array  # float32; >= 1 is off
+
+    @classmethod
+    def make(cls, max_new_tokens: int, temperature=0.0, top_k=0, top_p=1.0, seed=0) -> "Sampling":
+        return cls(
+            jax.random.PRNGKey(seed),
+            jnp.int32(max_new_tokens),
+            jnp.float32(temperature),
+            jnp.int32(top_k),
+            jnp.float32(top_p),
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LoopState:
+    """The decode loop's carry: the decoding state plus what sampling tracks per row."""
+
+    step: jax.Array
+    state: DecodingState
+    token: jax.Array  # [B] the token fed next
+    key: jax.Array
+    done: jax.Array  # [B] finished rows
+    tokens: jax.Array  # [B, max_new] emitted tokens
+    count: jax.Array  # [B] tokens emitted per row
+    kept: jax.Array | None  # [B, max_new, V] logits of emitted tokens, when the plan keeps them
+
+
+def _prefill(graphdef, plan: Plan, params, state, input_ids, prompt_len, pixel_values):
+    model = nnx.merge(graphdef, params)
+    return forward.prefill(model, plan.schedule, plan.attn, state, input_ids, prompt_len, pixel_values, loop=plan.loop)
+
+
+def _next_token(plan: Plan, logits, key, done, step, state: DecodingState, s: Sampling):
+    """Each row's next token (pad for finished rows), the new key, and the rows now finished:
+    on EOS, at ``max_new`` tokens, or when the row's cache has no slot left to feed the token."""
+    key, sub = jax.random.split(key)
+    tok = jnp.where(done, plan.pad_id, sample(logits, sub, s.temperature, s.top_k, s.top_p))
+    eos = jnp.asarray(plan.eos if plan.eos else (-1,), jnp.int32)
+    done = done | jnp.isin(tok, eos) | (step + 1 >= s.max_new) | (state.n_txt >= plan.layout.text_len)
+    return tok, key, done
+
+
+def _emit(plan: Plan, c: LoopState, logits, s: Sampling) -> LoopState:
+    kept = c.kept.at[:, c.step].set(logits) if c.kept is not None else None
+    count = c.count + (~c.done).astype(jnp.int32)
+    tok, key, done = _next_token(plan, logits, c.key, c.done, c.step, c.state, s)
+    return dataclasses.replace(
+        c, token=tok, key=key, tokens=c.tokens.at[:, c.step].set(tok), done=done, count=count, kept=kept
+    )
+
+
+def _decode_loop(graphdef, plan: Plan, params, state, logits, s: Sampling, active):
+    """Sample up to ``s.max_new`` tokens per row in one ``lax.while_loop``; returns the final
+    :class:`LoopState`."""
+    model = nnx.merge(graphdef, params)
+    b = logits.shape[0]
+    c = LoopState(
+        step=jnp.int32(0),
+        state=state,
+        token=jnp.zeros((b,), jnp.int32),
+        key=s.key,
+        done=~active,
+        tokens=jnp.full((b, plan.max_new), plan.pad_id, jnp.int32),
+        count=jnp.zeros((b,), jnp.int32),
+        kept=jnp.zeros((b, plan.max_new, logits.shape[-1]), jnp.float32) if plan.keep_logits else None,
+    )
+    c = dataclasses.replace(_emit(plan, c, logits, s), step=jnp.int32(1))
+
+    def cond(c: LoopState):
+        return (c.step < s.max_new) & ~jnp.all(c.done)
+
+    def body(c: LoopState):
+        new_state, logits = forward.decode_step(model, plan.schedule, plan.attn, c.state, c.token, loop=plan.loop)
+        c = _emit(plan, dataclasses.replace(c, state=new_state), logits, s)
+        return dataclasses.replace(c, step=c.step + 1)
+
+    return jax.lax.while_loop(cond, body, c)
+
+
+def _stream_step(graphdef, plan: Plan, params, state, logits, key, step, s: Sampling, done):
+    """One streamed step: sample from ``logits``, feed the tokens, return the next logits."""
+    model = nnx.merge(graphdef, params)
+    tok, key, new_done = _next_token(plan, logits, key, done, step, state, s)
+    state, logits = forward.decode_step(model, plan.schedule, plan.attn, state, tok, loop=plan.loop)
+    return state, logits, key, tok, new_done
+
+
+@dataclasses.dataclass
+class Batch:
+    """A prepared batch: padded device inputs for a plan's prefill and the rows that are real."""
+
+    input_ids: jax.Array  # [B, T]
+    prompt_len: jax.Array  # [B]
+    pixel_values: jax.Array | None
+    active: jax.Array  # [B] bool
+    n_rows: int  # real prompts (the rest is batch padding)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Result of :meth:`Engine.generate` for a batch of prompts."""
+
+    token_ids: list[list[int]]
+    kv_cache_bytes: int
+    dense_kv_cache_bytes: int
+    prefill_seconds: float
+    decode_seconds: float
+    decode_tokens: int
+    decode_steps: int
+    compile_seconds: float
+    layout: CacheLayout
+    logits: list | None = None  # per prompt [n_generated, V] when the plan keeps logits
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class Engine:
+    """Compiles and runs prefill + decode for one model, keeping executables and states per plan.
+
+    ``log``: called with a message before anything slow (compiling a new plan).
+    """
+
+    def __init__(self, graphdef, params, cfg, *, attention_impl: str = "auto", log: Callable[[str], None] | None = None):
+        self.graphdef, self.params, self.cfg = graphdef, params, cfg
+        self.attention_impl = attention_impl
+        self.dtype = jax.tree.leaves(params)[0].dtype
+        self.log = log
+        self._compiled: dict = {}
+        self._states: dict = {}
+
+    # -- planning -------------------------------------------------------------------------------
+
+    def plan(
+        self,
+        prompts,
+        n_images_per_row,
+        *,
+        schedule: Schedule,
+        max_new_tokens: int,
+        eos=(),
+        pad_id: int = 0,
+        cache_len: int | None = None,
+        max_context: int | None = None,
+        reuse_probs: bool = True,
+        keep_logits: bool = False,
+        loop: str = "unroll",
+    ) -> Plan:
+        """The static shapes (buckets) and options for generating ``prompts`` (token lists).
+
+        Raises QCacheError before anything is allocated when the longest prompt plus
+        ``max_new_tokens`` exceeds ``max_context`` (default: the model's
+        ``max_position_embeddings``), or a prompt does not fit an explicit ``cache_len``.
+        """
+        cfg = self.cfg
+        n_prompt = max(len(p) for p in prompts)
+        context = cfg.text.max_position_embeddings if max_context is None else int(max_context)
+        if n_prompt + max_new_tokens > context:
+            room = context - n_prompt
+            hint = f"; at most {room} new tokens fit" if room > 0 else ""
+            raise QCacheError(
+                f"prompt of {n_prompt} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
+                f"{context} tokens{hint} (raise the limit with --max-context / max_context= at your own risk)"
+            )
+        per_image = cfg.image_tokens_per_image
+        n_text = max(len(p) - k * per_image for p, k in zip(prompts, n_images_per_row))
+        imgs_per_row = max(n_images_per_row)
+        image_len = (pow2(imgs_per_row) if imgs_per_row else 0) * per_image
+        text_len = bucket(n_text) + bucket(max_new_tokens)
+        if cache_len is not None:
+            # An explicit capacity (tokens per row, both segments) is exact, and a hard limit.
+            text_len = cache_len - image_len
+            if n_prompt > cache_len or n_text > text_len:
+                raise QCacheError(f"prompt of {n_prompt} tokens does not fit the cache of {cache_len} tokens per row")
+        layout = CacheLayout(batch=pow2(len(prompts)), image_len=image_len, text_len=text_len, schedule=schedule)
+        return Plan(
+            layout=layout,
+            prompt_len=bucket(n_prompt),
+            n_images=pow2(sum(n_images_per_row)) if any(n_images_per_row) else 0,
+            max_new=pow2(max(max_new_tokens, 16)),
+            attn=LazyAttention(mode=schedule.mode, impl=self.attention_impl, reuse_probs=reuse_probs),
+            eos=tuple(eos),
+            pad_id=pad_id,
+            keep_logits=keep_logits,
+            loop=loop,
+        )
+
+    def kv_bytes(self, plan: Plan) -> tuple[int, int]:
+        """(KV cache bytes, dense KV cache bytes) of the plan's cache (from its array shapes)."""
+        return layout_kv_bytes(plan.layout, self.cfg.text, self.dtype)
+
+    # -- compiling ------------------------------------------------------------------------------
+
+    def _abstract_inputs(self, plan: Plan):
+        b, pv = plan.layout.batch, None
+        if plan.n_images:
+            v = self.cfg.vision
+            pv = jax.ShapeDtypeStruct((plan.n_images, v.num_channels, v.image_size, v.image_size), jnp.float32)
+        state = jax.eval_shape(lambda: init_state(plan.layout, self.cfg.text, self.dtype))
+        ids = jax.ShapeDtypeStruct((b, plan.prompt_len), jnp.int32)
+        return state, ids, jax.ShapeDtypeStruct((b,), jnp.int32), pv
+
+    def compile(self, plan: Plan) -> float:
+        """Compile the plan's prefill and decode loop (once per plan); returns the seconds spent
+        compiling now (0 when they were compiled already)."""
+        if plan in self._compiled:
+            return 0.0
+        if self.log:
+            lazy = plan.schedule.describe()
+            self.log(
+                f"compiling prefill + decode for batch {plan.layout.batch}, prompt {plan.prompt_len} tokens, "
+                f"up to {plan.max_new} new tokens, lazy layers {lazy} (first use of this shape)..."
+            )
+        t0 = time.perf_counter()
+        state, ids, lens, pv = self._abstract_inputs(plan)
+        prefill = jax.jit(functools.partial(_prefill, self.graphdef, plan), donate_argnums=(1,))
+        decode = jax.jit(functools.partial(_decode_loop, self.graphdef, plan), donate_argnums=(1,))
+        cp = prefill.lower(self.params, state, ids, lens, pv).compile()
+        state_out, logits = jax.eval_shape(prefill, self.params, state, ids, lens, pv)
+        sampling = jax.eval_shape(lambda: Sampling.make(1))
+        active = jax.ShapeDtypeStruct((plan.layout.batch,), jnp.bool_)
+        cd = decode.lower(self.params, state_out, logits, sampling, active).compile()
+        self._compiled[plan] = (cp, cd)
+        return time.perf_counter() - t0
+
+    def decode_executable(self, plan: Plan):
+        """The compiled decode loop of ``plan`` (compiling it if needed): ``(params, state,
+        logits, Sampling, active) -> LoopState``."""
+        self.compile(plan)
+        return self._compiled[plan][1]
+
+    # -- running --------------------------------------------------------------------------------
+
+    def new_state(self, plan: Plan) -> DecodingState:
+        """A decoding state for ``plan``: a recycled one when available, else zeros."""
+        state = self._states.pop(plan.layout, None)
+        if state is None:
+            state = jax.jit(init_state, static_argnums=(0, 1, 2))(plan.layout, self.cfg.text, self.dtype)
+        return state
+
+    def recycle(self, plan: Plan, state: DecodingState) -> None:
+        """Keep ``state`` for the next call with the same layout (its buffers are reused)."""
+        self._states[plan.layout] = state
+
+    def prepare(self, prompts, pixel_values, plan: Plan) -> Batch:
+        """Padded device inputs for ``plan``: prompts right-padded with the pad id, rows and
+        images padded to the plan's buckets."""
+        b = plan.layout.batch
+        ids = np.full((b, plan.prompt_len), plan.pad_id, np.int32)
+        lens = np.ones((b,), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = p
+            lens[i] = len(p)
+        pv = None
+        if plan.n_images:
+            pv = np.zeros((plan.n_images, *pixel_values.shape[1:]), np.float32)
+            pv[: len(pixel_values)] = pixel_values
+            pv = jnp.asarray(pv)
+        active = jnp.asarray(np.arange(b) < len(prompts))
+        return Batch(jnp.asarray(ids), jnp.asarray(lens), pv, active, len(prompts))
+
+    def prefill(self, plan: Plan, batch: Batch, state: DecodingState | None = None):
+        """(state, logits [B, V] of each row's last prompt token); compiles the plan if needed."""
+        self.compile(plan)
+        state = self.new_state(plan) if state is None else state
+        return self._compiled[plan][0](self.params, state, batch.input_ids, batch.prompt_len, batch.pixel_values)
+
+    def decode(self, plan: Plan, state, logits, sampling: Sampling, active) -> LoopState:
+        """Run the compiled decode loop from the prefill's ``state`` and ``logits``."""
+        return self.decode_executable(plan)(self.params, state, logits, sampling, active)
+
+    def generate(self, prompts, pixel_values, plan: Plan, sampling: Sampling) -> GenerateOutput:
+        """Generate for ``prompts`` (lists of token ids, image tokens expanded) under ``plan``."""
+        compile_s = self.compile(plan)
+        batch = self.prepare(prompts, pixel_values, plan)
+        t0 = time.perf_counter()
+        state, logits = self.prefill(plan, batch)
+        logits.block_until_ready()
+        t1 = time.perf_counter()
+        out = self.decode(plan, state, logits, sampling, batch.active)
+        tokens = np.asarray(out.tokens)
+        t2 = time.perf_counter()
+        counts = np.asarray(out.count)
+        self.recycle(plan, out.state)
+        kv, dense = self.kv_bytes(plan)
+        n = batch.n_rows
+        return GenerateOutput(
+            token_ids=[tokens[i, : counts[i]].tolist() for i in range(n)],
+            kv_cache_bytes=kv,
+            dense_kv_cache_bytes=dense,
+            prefill_seconds=t1 - t0,
+            decode_seconds=t2 - t1,
+            # The first token comes from the prefill logits; the loop ran max(counts) - 1 steps.
+            decode_tokens=int(sum(max(c - 1, 0) for c in counts[:n])),
+            decode_steps=int(np.asarray(out.step)) - 1,
+            compile_seconds=compile_s,
+            layout=plan.layout,
+            logits=None if out.kept is None else [np.asarray(out.kept[i, : counts[i]]) for i in range(n)],
+        )
+
+    def stream(self, prompts, pixel_values, plan: Plan, sampling: Sampling, max_new_tokens: int):
+        """Yield each step's tokens as a list (None for rows already finished), step by step.
+
+        A Python loop over one jitted decode step: slower than :meth:`generate`'s
+        ``lax.while_loop``, but tokens arrive as they are made (the CLI's ``--stream``).
+        """
+        batch = self.prepare(prompts, pixel_values, plan)
+        key = (plan, "stream")
+        if key not in self._compiled:
+            step = functools.partial(_stream_step, self.graphdef, plan)
+            self._compiled[key] = jax.jit(step, donate_argnums=(1,))
+        step_fn = self._compiled[key]
+        state, logits = self.prefill(plan, batch)
+        done, rng = ~batch.active, sampling.key
+        for step in range(max_new_tokens):
+            state, logits, rng, tok, new_done = step_fn(self.params, state, logits, rng, jnp.int32(step), sampling, done)
+            tok, was_done = np.asarray(tok), np.asarray(done)
+            yield [None if was_done[i] else int(tok[i]) for i in range(batch.n_rows)]
+            done = new_done
+            if bool(np.all(np.asarray(done))):
+                break
+        self.recycle(plan, state)
+

@@ -1,0 +1,111 @@
+"""The model's passes as pure functions of an NNX model (``nnx.merge(graphdef, params)``):
+full-sequence logits, prefill, one decode step and the calibration probe. Each embeds, runs
+the one layer stack (:func:`qcache_jax.lazy.stack.run_layers`) and applies the head.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ..lazy.attention import DecodePass, LazyAttention, SequencePass
+from ..lazy.cache import DecodingState
+from ..lazy.schedule import Schedule
+from ..lazy.stack import run_layers
+
+
+def _sequence_pass(model, input_ids, valid, *, probe_rows=None, img_idx=None, txt_idx=None):
+    b, t = input_ids.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = model.rope(positions)
+    return SequencePass(
+        cos=cos,
+        sin=sin,
+        positions=positions,
+        valid=valid,
+        vis=model.is_image(input_ids) & valid,
+        probe_rows=probe_rows,
+        img_idx=img_idx,
+        txt_idx=txt_idx,
+    )
+
+
+def hidden_states(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan"):
+    """Final hidden states [B, T, hidden] (before the final norm) of a full-sequence pass.
+
+    ``lazy``: a :class:`Schedule`, a traced bool array [L] (a scanned mask; training passes
+    it as an argument so a new schedule does not recompile), or None (dense). Positions are
+    ``arange(T)``; ``attention_mask`` masks keys, as HF's forward without a cache.
+    """
+    b, t = input_ids.shape
+    valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+    h = model.embed(input_ids, pixel_values, loop=loop)
+    if lazy is None:
+        lazy = Schedule.dense(model.cfg.text.num_layers)
+    ctx = _sequence_pass(model, input_ids, valid)
+    return run_layers(model.layers, h, ctx, attn=attn, lazy=lazy, cfg=model.cfg.text, loop=loop).h
+
+
+def sequence_logits(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan"):
+    """Full-sequence logits [B, T, V] float32 (see :func:`hidden_states`)."""
+    return model.head(hidden_states(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl"))
+def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *, mode, loop, impl):
+    """Jitted :func:`sequence_logits` over a parameter pytree; ``lazy`` None or a bool array [L]
+    (traced: every schedule of a model shares one compilation)."""
+    model = nnx.merge(graphdef, params)
+    attn = LazyAttention(mode=mode, impl=impl)
+    return sequence_logits(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop)
+
+
+def attention_probe(model, input_ids, pixel_values, valid, rows, *, loop="scan", impl="auto"):
+    """Dense pass that returns every layer's attention probabilities of the query rows ``rows``
+    [R]: [L, B, Hq, R, T] float32 (only those R rows of softmax(q K^T) are computed)."""
+    h = model.embed(input_ids, pixel_values, loop=loop)
+    ctx = _sequence_pass(model, input_ids, valid, probe_rows=rows)
+    dense = Schedule.dense(model.cfg.text.num_layers)
+    out = run_layers(model.layers, h, ctx, attn=LazyAttention(impl=impl), lazy=dense, cfg=model.cfg.text, loop=loop)
+    return jnp.stack(out.probes)
+
+
+def prefill(model, schedule: Schedule, attn: LazyAttention, state: DecodingState, input_ids, prompt_len, pixel_values, *, loop="unroll"):
+    """Run the prompts ``input_ids`` [B, T] (right-padded; ``prompt_len`` [B] real tokens) and
+    write every layer's cache segments. Returns (new state, logits of each row's last token)."""
+    b, t = input_ids.shape
+    valid = jnp.arange(t)[None, :] < prompt_len[:, None]
+    is_img = model.is_image(input_ids) & valid
+    image_len = state.layers[0].v_img.shape[2]
+    text_len = min(t, state.layers[0].v_txt.shape[2])
+    # Per row, the prompt positions of image tokens, then of text tokens, in order.
+    img_idx = jnp.argsort(~is_img, axis=1, stable=True)[:, :image_len]
+    img_idx = jnp.pad(img_idx, ((0, 0), (0, image_len - img_idx.shape[1])))
+    txt_idx = jnp.argsort(~(valid & ~is_img), axis=1, stable=True)[:, :text_len]
+    h = model.embed(input_ids, pixel_values, loop=loop)
+    ctx = _sequence_pass(model, input_ids, valid, img_idx=img_idx, txt_idx=txt_idx)
+    out = run_layers(
+        model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, caches=state.layers, loop=loop
+    )
+    rows = jnp.arange(b)
+    logits = model.head(out.h[rows, prompt_len - 1])
+    n_img = is_img.sum(1).astype(jnp.int32)
+    new_state = DecodingState(layers=out.caches, n_img=n_img, n_txt=prompt_len - n_img, positions=prompt_len)
+    return new_state, logits
+
+
+def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingState, tokens, *, loop="unroll"):
+    """Logits [B, V] for ``tokens`` [B] fed at each row's next position; the state advanced."""
+    h = model.embed(tokens[:, None])
+    cos, sin = model.rope(state.positions[:, None])
+    ctx = DecodePass(cos=cos, sin=sin, n_img=state.n_img, n_txt=state.n_txt)
+    out = run_layers(
+        model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, caches=state.layers, loop=loop
+    )
+    new_state = DecodingState(
+        layers=out.caches, n_img=state.n_img, n_txt=state.n_txt + 1, positions=state.positions + 1
+    )
+    return new_state, model.head(out.h[:, 0])

@@ -1,0 +1,1 @@
+"""Tools built on the public API: benchmarks, calibration, training and evaluation."""
