@@ -1,9 +1,12 @@
 """Flash-attention kernels for Lazy Attention with Q Cache.
 
+Head-major layout: q [B, Hq, T, D], k/v [B, Hkv, T, D]; decode q [B, Hq, D],
+cache [B, Hkv, S, D].
+
 Public API (see kernels/README.md):
-  reference_attention  plain-jnp reference shared by all tests and the CPU path
+  reference_attention  plain-jnp direct formula (the test oracle's twin)
   flash_attention      prefill, position-masked, GQA, returns (out, lse)
-  decode_attention     one token per row vs a (stacked) KV cache
+  decode_attention     one token per row vs a head-major KV cache
   lazy_decode_pv       GLA lazy-layer decode: anchor probs @ own V
   merge_attention      exact log-sum-exp merge of key segments
 """

@@ -28,9 +28,13 @@ def triton_params(num_warps: int, num_stages: int):
     return _TritonParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def tpu_params(dimension_semantics):
-    """Mosaic TPU compiler parameters (class renamed across jax releases)."""
-    return _TpuParams(dimension_semantics=tuple(dimension_semantics))
+def tpu_params(dimension_semantics, vmem_limit_bytes=None):
+    """Mosaic TPU compiler parameters (class renamed across jax releases).
+
+    vmem_limit_bytes None keeps Mosaic's default scoped-VMEM limit.
+    """
+    extra = {} if vmem_limit_bytes is None else dict(vmem_limit_bytes=int(vmem_limit_bytes))
+    return _TpuParams(dimension_semantics=tuple(dimension_semantics), **extra)
 
 
 def tpu_interpret():

@@ -1,4 +1,4 @@
-"""Wrapper-side helpers shared by the GPU and TPU kernels."""
+"""Helpers shared by the GPU and TPU kernels (wrapper side and kernel side)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,22 @@ import jax.numpy as jnp
 # folded into the positions, so the kernels read one int32 stream per side.
 POS_NEVER_VISIBLE = jnp.iinfo(jnp.int32).max
 POS_SEES_NOTHING = jnp.iinfo(jnp.int32).min
+
+# lax.dot_general dimension numbers of the 2-D tiles inside the kernels.
+DOT_NT = (((1,), (1,)), ((), ()))  # a @ b.T  (q @ k^T)
+DOT_NN = (((1,), (0,)), ((), ()))  # a @ b    (p @ v)
+
+
+def softmax_finish(m, l):
+    """End of an online softmax: (1 / l, lse) from the running max and sum.
+
+    Shape-agnostic (scalars, [rows] or [rows, 1]). Rows that saw no visible
+    key have l == 0: they get 1 / l := 1 (the accumulator is 0, so out = 0)
+    and lse = -inf, never NaN.
+    """
+    has_keys = l > 0
+    l_safe = jnp.where(has_keys, l, 1.0)
+    return 1.0 / l_safe, jnp.where(has_keys, m + jnp.log(l_safe), -jnp.inf)
 
 
 def masked_kv_pos(kv_pos, kv_valid):
@@ -47,17 +63,6 @@ def pow2_chunks(d):
             chunks.append((offset, width))
             offset += width
     return tuple(chunks)
-
-
-def as_stacked(layer, *caches):
-    """Views unstacked [B, S, Hkv, D] caches as 1-layer stacks (free reshape).
-
-    Returns (layer int32 [1], *caches as [L, B, S, Hkv, D]) so that one kernel
-    serves both the per-layer and the stacked (read-in-place) cache.
-    """
-    if layer is None:
-        return (jnp.zeros((1,), jnp.int32), *(c[None] for c in caches))
-    return (jnp.asarray(layer, jnp.int32).reshape(1), *caches)
 
 
 def probs_from_scores(scores, lse, lengths):

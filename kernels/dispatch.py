@@ -2,10 +2,13 @@
 
 impl values:
   "auto"                  GPU -> "pallas_gpu", TPU -> "pallas_tpu", else "xla";
-  "xla"                   the plain-jnp reference (CPU path, baseline);
+  "xla"                   plain-XLA fast path (kernels/xla.py; CPU default);
   "pallas_gpu"            Pallas Triton kernels (kernels/gpu.py);
   "pallas_tpu"            Pallas Mosaic kernels (kernels/tpu.py);
   "*_interpret"           the same kernels interpreted on any backend (tests).
+
+Layout is head-major everywhere: prefill q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D];
+decode q [B, Hq, D], cache [B, Hkv, S, D].
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import gpu, tpu
+from . import gpu, tpu, xla
 from ._compat import backend, tpu_interpret
-from .reference import decode_reference, lazy_pv_reference, reference_attention, select_layer
 
 IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret", "pallas_tpu_interpret")
 
@@ -46,67 +48,64 @@ def flash_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, impl="auto"
     """Prefill attention with position masks and GQA.
 
     Args:
-      q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D], Hq % Hkv == 0; bf16 or f32.
+      q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D], Hq % Hkv == 0; bf16 or f32.
       q_pos: int32 [B, Tq]; kv_pos: int32 [B, Tk]; kv_valid: bool [B, Tk].
         Key j is visible to query i iff kv_valid and kv_pos[j] <= q_pos[i]
-        (positions must be < 2**31 - 1).
+        (positions must be < 2**31 - 1). Query head h reads kv head
+        h // (Hq // Hkv).
       scale: softmax scale, default 1/sqrt(D).
       impl: see module docstring.
 
     Returns:
-      out [B, Tq, Hq, D] (q.dtype), lse f32 [B, Tq, Hq]; rows that see no key
+      out [B, Hq, Tq, D] (q.dtype), lse f32 [B, Hq, Tq]; rows that see no key
       give out 0, lse -inf. Combine key segments with `merge_attention`.
     """
     impl = resolve_impl(impl)
     if impl == "xla":
-        return reference_attention(q, k, v, q_pos, kv_pos, kv_valid, scale=scale)
+        return xla.prefill(q, k, v, q_pos, kv_pos, kv_valid, scale=scale)
     module, interpret = _kernels(impl)
     return module.prefill(q, k, v, q_pos, kv_pos, kv_valid, scale=scale, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "impl", "return_probs"))
-def decode_attention(q, k, v, lengths, *, scale=None, layer=None, impl="auto", return_probs=False):
+def decode_attention(q, k, v, lengths, *, scale=None, impl="auto", return_probs=False):
     """Attention of one new token per row against a KV cache.
 
     Args:
       q: [B, Hq, D].
-      k, v: [B, S, Hkv, D], or a stacked cache [L, B, S, Hkv, D] with `layer`.
-        The Pallas kernels read the selected layer in place (no slice copy);
-        S must be a multiple of 16 on GPU (128 recommended on TPU). Entries
-        at j >= lengths[b] must be finite (e.g. a zero-initialised cache).
+      k, v: [B, Hkv, S, D]. S must be a multiple of 16 on GPU (128
+        recommended on TPU). Entries at j >= lengths[b] must be finite (e.g.
+        a zero-initialised cache).
       lengths: int32 [B]; keys j < lengths[b] are visible.
       scale: softmax scale, default 1/sqrt(D).
-      layer: int32 scalar (may be traced) selecting the layer of a stacked cache.
       impl: see module docstring.
       return_probs: also return the normalized probabilities (GLA anchor).
 
     Returns:
       out [B, Hq, D] (q.dtype), lse f32 [B, Hq] and, with return_probs,
-      probs f32 [B, Hq, S] (0 at j >= lengths[b]). lengths[b] == 0 gives
-      out 0, lse -inf.
+      probs f32 [B, Hq, S] (exactly 0 at j >= lengths[b]). lengths[b] == 0
+      gives out 0, lse -inf.
     """
     impl = resolve_impl(impl)
+    lengths = lengths.astype(jnp.int32)
     if impl == "xla":
-        return decode_reference(
-            q, select_layer(k, layer), select_layer(v, layer), lengths, scale=scale, return_probs=return_probs
-        )
+        return xla.decode(q, k, v, lengths, scale=scale, return_probs=return_probs)
     module, interpret = _kernels(impl)
-    return module.decode(q, k, v, lengths, layer=layer, scale=scale, return_probs=return_probs, interpret=interpret)
+    return module.decode(q, k, v, lengths, scale=scale, return_probs=return_probs, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("impl",))
-def lazy_decode_pv(probs, v, *, lengths=None, layer=None, impl="auto"):
-    """GLA lazy-layer decode: out[b, h] = sum_j probs[b, h, j] v[b, j, h // g].
+def lazy_decode_pv(probs, v, *, lengths=None, impl="auto"):
+    """GLA lazy-layer decode: out[b, h] = sum_j probs[b, h, j] v[b, h // g, j].
 
     Reads only V (the anchor's probabilities replace Q K^T).
 
     Args:
       probs: f32 [B, Hq, S], e.g. from `decode_attention(..., return_probs=True)`
         of the anchor layer.
-      v: [B, S, Hkv, D], or stacked [L, B, S, Hkv, D] with `layer`.
-      lengths: optional int32 [B]; when given, the kernels neither read nor use
-        V at j >= lengths[b] (saves bandwidth); default: all S keys.
-      layer: int32 scalar (may be traced) for a stacked cache.
+      v: [B, Hkv, S, D].
+      lengths: optional int32 [B]; when given, V at j >= lengths[b] is not
+        used (the Pallas kernels do not read it); default: all S keys.
       impl: see module docstring.
 
     Returns:
@@ -114,8 +113,8 @@ def lazy_decode_pv(probs, v, *, lengths=None, layer=None, impl="auto"):
     """
     impl = resolve_impl(impl)
     if impl == "xla":
-        return lazy_pv_reference(probs, select_layer(v, layer))
+        return xla.lazy_pv(probs, v, lengths)
     if lengths is None:
         lengths = jnp.full((probs.shape[0],), probs.shape[-1], jnp.int32)
     module, interpret = _kernels(impl)
-    return module.lazy_pv(probs, v, lengths, layer=layer, interpret=interpret)
+    return module.lazy_pv(probs, v, lengths.astype(jnp.int32), interpret=interpret)

@@ -1,11 +1,11 @@
 """Pallas GPU (Triton lowering) kernels: position-masked prefill, split-K
-decode over a stacked KV cache, and the GLA lazy-layer P @ V decode.
+decode over a head-major KV cache, and the GLA lazy-layer P @ V decode.
 
-All refs are whole arrays (no BlockSpecs): Triton refs are pointers, so a
-kernel indexes the stacked cache [L, B, S, Hkv, D] at a traced layer index
-directly -- the cache is read in place, never sliced or transposed by XLA.
-Tiles have power-of-two shapes (a Triton rule); head_dim is read as
-power-of-two chunks (80 = 64 + 16) instead of padding the cache.
+All refs are whole arrays (no BlockSpecs): Triton refs are pointers, so the
+kernels index q [B, Hq, T, D] and k/v [B, Hkv, T, D] directly -- a (row, kv
+head) key range is one contiguous [keys, D] slab, read in place, never sliced
+or transposed by XLA. Tiles have power-of-two shapes (a Triton rule); head_dim
+is read as power-of-two chunks (80 = 64 + 16) instead of padding the cache.
 """
 
 from __future__ import annotations
@@ -18,19 +18,18 @@ from jax import lax
 
 from ._compat import pl, triton_params
 from .common import (
+    DOT_NN,
+    DOT_NT,
     POS_NEVER_VISIBLE,
     POS_SEES_NOTHING,
-    as_stacked,
     largest_dividing_block,
     masked_kv_pos,
     pad_axis,
     pow2_chunks,
     probs_from_scores,
+    softmax_finish,
 )
 from .reference import default_scale, merge_stacked
-
-_NT = (((1,), (1,)), ((), ()))  # a @ b.T
-_NN = (((1,), (0,)), ((), ()))  # a @ b
 # Decode programs per GPU: enough to saturate HBM on an H100 (132 SMs) at
 # batch 1; the split-K partials are merged by XLA.
 _TARGET_DECODE_PROGRAMS = 512
@@ -64,7 +63,7 @@ def _prefill_kernel(
     i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     hk = lax.div(h, group)
     q_rows = pl.ds(i * block_q, block_q)
-    q = [q_ref[b, q_rows, h, pl.ds(c0, cw)] for c0, cw in chunks]
+    q = [q_ref[b, h, q_rows, pl.ds(c0, cw)] for c0, cw in chunks]
     q_pos = qpos_ref[b, q_rows]
     q_pos_max = jnp.max(q_pos)
     prec = _precision(q[0].dtype)
@@ -75,7 +74,7 @@ def _prefill_kernel(
         s = (
             sum(
                 lax.dot_general(
-                    qc, k_ref[b, k_rows, hk, pl.ds(c0, cw)], _NT, precision=prec, preferred_element_type=jnp.float32
+                    qc, k_ref[b, hk, k_rows, pl.ds(c0, cw)], DOT_NT, precision=prec, preferred_element_type=jnp.float32
                 )
                 for qc, (c0, cw) in zip(q, chunks)
             )
@@ -94,8 +93,8 @@ def _prefill_kernel(
             alpha[:, None] * acc
             + lax.dot_general(
                 p.astype(v_ref.dtype),
-                v_ref[b, k_rows, hk, pl.ds(c0, cw)],
-                _NN,
+                v_ref[b, hk, k_rows, pl.ds(c0, cw)],
+                DOT_NN,
                 precision=prec,
                 preferred_element_type=jnp.float32,
             )
@@ -114,11 +113,10 @@ def _prefill_kernel(
         jnp.zeros((block_q,), jnp.float32),
     )
     accs, m, l = lax.fori_loop(0, num_k_blocks, body, init)
-    has_keys = l > 0
-    inv_l = 1.0 / jnp.where(has_keys, l, 1.0)
+    inv_l, lse = softmax_finish(m, l)
     for acc, (c0, cw) in zip(accs, chunks):
-        o_ref[b, q_rows, h, pl.ds(c0, cw)] = (acc * inv_l[:, None]).astype(o_ref.dtype)
-    lse_ref[b, h, q_rows] = jnp.where(has_keys, m + jnp.log(jnp.where(has_keys, l, 1.0)), -jnp.inf)
+        o_ref[b, h, q_rows, pl.ds(c0, cw)] = (acc * inv_l[:, None]).astype(o_ref.dtype)
+    lse_ref[b, h, q_rows] = lse
 
 
 def prefill(
@@ -129,19 +127,19 @@ def prefill(
     Tq and Tk are padded up to the block sizes here (padded keys/queries are
     invisible/see nothing); block sizes are clamped to the sequence lengths.
     """
-    b, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    b, hq, tq, d = q.shape
+    hkv, tk = k.shape[1], k.shape[2]
     scale = default_scale(d, scale)
     block_q = min(block_q, max(16, pl.next_power_of_2(tq)))
     block_k = min(block_k, max(16, pl.next_power_of_2(tk)))
-    qp = pad_axis(q, 1, block_q, 0)
+    qp = pad_axis(q, 2, block_q, 0)
     q_pos_p = pad_axis(q_pos.astype(jnp.int32), 1, block_q, POS_SEES_NOTHING)
-    kp = pad_axis(k, 1, block_k, 0)
-    vp = pad_axis(v, 1, block_k, 0)
+    kp = pad_axis(k, 2, block_k, 0)
+    vp = pad_axis(v, 2, block_k, 0)
     kv_pos_p = pad_axis(masked_kv_pos(kv_pos, kv_valid), 1, block_k, POS_NEVER_VISIBLE)
-    num_k_blocks = kp.shape[1] // block_k
+    num_k_blocks = kp.shape[2] // block_k
     k_min = kv_pos_p.reshape(b, num_k_blocks, block_k).min(axis=-1)
-    tq_p = qp.shape[1]
+    tq_p = qp.shape[2]
     kernel = functools.partial(
         _prefill_kernel,
         scale=scale,
@@ -159,16 +157,16 @@ def prefill(
         interpret=interpret,
         name="qcache_flash_prefill",
     )(qp, kp, vp, q_pos_p, kv_pos_p, k_min)
-    return out[:, :tq], lse[:, :, :tq].transpose(0, 2, 1)
+    return out[:, :, :tq], lse[:, :, :tq]
 
 
 # ---------------------------------------------------------------- decode
 
 
-def _decode_split(s_len, block_k, batch, kv_heads):
+def _decode_split(s_len, block_k, batch, kv_heads, programs):
     """Number of key splits per (row, kv head): a divisor of S // block_k."""
     n_blocks = s_len // block_k
-    want = max(1, min(n_blocks, pl.cdiv(_TARGET_DECODE_PROGRAMS, batch * kv_heads)))
+    want = max(1, min(n_blocks, pl.cdiv(programs, batch * kv_heads)))
     return max(n for n in range(1, want + 1) if n_blocks % n == 0)
 
 
@@ -188,10 +186,9 @@ def _split_range(len_ref, b, block_k, blocks_per_split):
 
 
 def _decode_kernel(
-    layer_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *score_ref, scale, group, block_k, blocks_per_split, chunks
+    len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *score_ref, scale, group, block_k, blocks_per_split, chunks
 ):
     b, hk, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
     start, length, n = _split_range(len_ref, b, block_k, blocks_per_split)
     rows = [hk * group + r for r in range(group)]
     # g query heads share one K/V tile. Decode is bandwidth bound, so QK^T and
@@ -203,8 +200,8 @@ def _decode_kernel(
         accs, ms, ls = carry
         first = start + j * block_k
         keys = pl.ds(first, block_k)
-        kt = [k_ref[layer, b, keys, hk, pl.ds(c0, cw)].astype(jnp.float32) for c0, cw in chunks]
-        vt = [v_ref[layer, b, keys, hk, pl.ds(c0, cw)].astype(jnp.float32) for c0, cw in chunks]
+        kt = [k_ref[b, hk, keys, pl.ds(c0, cw)].astype(jnp.float32) for c0, cw in chunks]
+        vt = [v_ref[b, hk, keys, pl.ds(c0, cw)].astype(jnp.float32) for c0, cw in chunks]
         valid = first + jnp.arange(block_k) < length
         new = ([], [], [])
         for r, h in enumerate(rows):
@@ -228,25 +225,36 @@ def _decode_kernel(
     )
     accs, ms, ls = lax.fori_loop(0, n, body, init)
     for r, h in enumerate(rows):
-        has_keys = ls[r] > 0
-        l_safe = jnp.where(has_keys, ls[r], 1.0)
+        inv_l, lse = softmax_finish(ms[r], ls[r])
         for acc, (c0, cw) in zip(accs[r], chunks):
-            o_ref[b, h, split, pl.ds(c0, cw)] = acc / l_safe
-        lse_ref[b, h, split] = jnp.where(has_keys, ms[r] + jnp.log(l_safe), -jnp.inf)
+            o_ref[b, h, split, pl.ds(c0, cw)] = acc * inv_l
+        lse_ref[b, h, split] = lse
 
 
-def decode(q, k, v, lengths, *, layer=None, scale=None, return_probs=False, interpret=False, num_warps=4, num_stages=2):
-    """Split-K decode attention reading layer `layer` of a stacked cache in place.
+def decode(
+    q,
+    k,
+    v,
+    lengths,
+    *,
+    scale=None,
+    return_probs=False,
+    interpret=False,
+    num_warps=4,
+    num_stages=2,
+    programs=_TARGET_DECODE_PROGRAMS,
+):
+    """Split-K decode attention over a head-major cache, read in place.
 
-    q [B, Hq, D]; k/v [B, S, Hkv, D] (layer None) or [L, B, S, Hkv, D];
-    lengths int32 [B]. S must be a multiple of 16. Returns (out, lse[, probs]).
+    q [B, Hq, D]; k/v [B, Hkv, S, D]; lengths int32 [B]. S must be a multiple
+    of 16. `programs`: target grid size (sets the number of key splits).
+    Returns (out, lse[, probs]).
     """
-    layer_arr, k, v = as_stacked(layer, k, v)
-    _, b, s_len, hkv, d = k.shape
+    b, hkv, s_len, d = k.shape
     hq = q.shape[1]
     scale = default_scale(d, scale)
     block_k = _decode_block(s_len)
-    splits = _decode_split(s_len, block_k, b, hkv)
+    splits = _decode_split(s_len, block_k, b, hkv, programs)
     lengths = lengths.astype(jnp.int32)
     out_shape = [
         jax.ShapeDtypeStruct((b, hq, splits, d), jnp.float32),
@@ -269,23 +277,22 @@ def decode(q, k, v, lengths, *, layer=None, scale=None, return_probs=False, inte
         compiler_params=triton_params(num_warps, num_stages),
         interpret=interpret,
         name="qcache_decode",
-    )(layer_arr, lengths, q, k, v)
+    )(lengths, q, k, v)
     out, lse = merge_stacked(res[0], res[1], axis=2, dtype=q.dtype)
     if return_probs:
         return out, lse, probs_from_scores(res[2], lse, lengths)
     return out, lse
 
 
-def _lazy_pv_kernel(layer_ref, len_ref, p_ref, v_ref, o_ref, *, group, block_k, blocks_per_split, chunks):
+def _lazy_pv_kernel(len_ref, p_ref, v_ref, o_ref, *, group, block_k, blocks_per_split, chunks):
     b, hk, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    layer = layer_ref[0]
     start, length, n = _split_range(len_ref, b, block_k, blocks_per_split)
     rows = [hk * group + r for r in range(group)]
 
     def body(j, accs):
         first = start + j * block_k
         keys = pl.ds(first, block_k)
-        vt = [v_ref[layer, b, keys, hk, pl.ds(c0, cw)].astype(jnp.float32) for c0, cw in chunks]
+        vt = [v_ref[b, hk, keys, pl.ds(c0, cw)].astype(jnp.float32) for c0, cw in chunks]
         valid = first + jnp.arange(block_k) < length
         out = []
         for r, h in enumerate(rows):
@@ -300,16 +307,15 @@ def _lazy_pv_kernel(layer_ref, len_ref, p_ref, v_ref, o_ref, *, group, block_k, 
             o_ref[b, h, split, pl.ds(c0, cw)] = acc
 
 
-def lazy_pv(probs, v, lengths, *, layer=None, interpret=False, num_warps=4, num_stages=2):
-    """GLA lazy decode: probs [B, Hq, S] @ V of one (stacked) layer, V only.
+def lazy_pv(probs, v, lengths, *, interpret=False, num_warps=4, num_stages=2, programs=_TARGET_DECODE_PROGRAMS):
+    """GLA lazy decode: probs [B, Hq, S] @ V [B, Hkv, S, D], reading V only.
 
     Only keys j < lengths[b] are read; returns out [B, Hq, D] in v.dtype.
     """
-    layer_arr, v = as_stacked(layer, v)
-    _, b, s_len, hkv, d = v.shape
+    b, hkv, s_len, d = v.shape
     hq = probs.shape[1]
     block_k = _decode_block(s_len)
-    splits = _decode_split(s_len, block_k, b, hkv)
+    splits = _decode_split(s_len, block_k, b, hkv, programs)
     kernel = functools.partial(
         _lazy_pv_kernel,
         group=hq // hkv,
@@ -324,5 +330,5 @@ def lazy_pv(probs, v, lengths, *, layer=None, interpret=False, num_warps=4, num_
         compiler_params=triton_params(num_warps, num_stages),
         interpret=interpret,
         name="qcache_lazy_pv",
-    )(layer_arr, lengths.astype(jnp.int32), probs.astype(jnp.float32), v)
+    )(lengths.astype(jnp.int32), probs.astype(jnp.float32), v)
     return part.sum(axis=2).astype(v.dtype)

@@ -1,14 +1,19 @@
-"""Plain-jnp attention: the one reference for every kernel and the CPU path.
+"""Plain-jnp attention: the test oracle for every kernel in this package.
 
-Conventions shared by all kernels in this package:
-  * layout q [B, Tq, Hq, D], k/v [B, Tk, Hkv, D]; GQA with g = Hq // Hkv,
+Conventions shared by all kernels in this package (HEAD-MAJOR layout):
+  * prefill q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; GQA with g = Hq // Hkv,
     query head h reads kv head h // g;
+  * decode q [B, Hq, D], cache k/v [B, Hkv, S, D];
   * key j is visible to query i iff kv_valid[b, j] and
     kv_pos[b, j] <= q_pos[b, i] (a causal mask by position, so attention
     does not depend on key order and disjoint key segments combine exactly
     with `merge_attention`);
   * float32 softmax; out has q's dtype; lse is float32 log-sum-exp of the
-    scaled, masked scores; a query with no visible key gives out 0, lse -inf.
+    scaled, masked scores ([B, Hq, Tq] / [B, Hq]); a query with no visible
+    key gives out 0, lse -inf.
+
+This module is the direct formula (O(Tq*Tk) memory). The fast CPU path is
+`xla.py`.
 """
 
 from __future__ import annotations
@@ -47,28 +52,28 @@ def reference_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, return_
     """Position-masked GQA attention, computed directly (O(Tq*Tk) memory).
 
     Args:
-      q: [B, Tq, Hq, D]; k, v: [B, Tk, Hkv, D] with Hq % Hkv == 0.
+      q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Hq % Hkv == 0.
       q_pos: int32 [B, Tq]; kv_pos: int32 [B, Tk]; kv_valid: bool [B, Tk].
       scale: softmax scale, default 1/sqrt(D).
       return_probs: also return the normalized probabilities.
 
     Returns:
-      (out [B, Tq, Hq, D] in q.dtype, lse f32 [B, Tq, Hq]) and, with
+      (out [B, Hq, Tq, D] in q.dtype, lse f32 [B, Hq, Tq]) and, with
       return_probs, probs f32 [B, Hq, Tq, Tk] (0 at invisible keys).
     """
-    b, tq, hq, d = q.shape
-    hkv = k.shape[2]
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
     g = hq // hkv
     scale = default_scale(d, scale)
-    qf = q.astype(jnp.float32).reshape(b, tq, hkv, g, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qf, k.astype(jnp.float32), precision=_HIGHEST) * scale
-    mask = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])
+    qf = q.astype(jnp.float32).reshape(b, hkv, g, tq, d)
+    s = jnp.einsum("bhgqd,bhkd->bhgqk", qf, k.astype(jnp.float32), precision=_HIGHEST) * scale
+    mask = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, Tq, Tk]
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     p, l, lse = safe_softmax_stats(s)
     p = p / jnp.where(l > 0, l, 1.0)
-    out = jnp.einsum("bhgqk,bkhd->bqhgd", p, v.astype(jnp.float32), precision=_HIGHEST)
-    out = out.reshape(b, tq, hq, d).astype(q.dtype)
-    lse = lse.reshape(b, hq, tq).transpose(0, 2, 1)
+    out = jnp.einsum("bhgqk,bhkd->bhgqd", p, v.astype(jnp.float32), precision=_HIGHEST)
+    out = out.reshape(b, hq, tq, d).astype(q.dtype)
+    lse = lse.reshape(b, hq, tq)
     if return_probs:
         return out, lse, p.reshape(b, hq, tq, -1)
     return out, lse
@@ -80,7 +85,7 @@ def merge_attention(outs, lses):
     Each (outs[i], lses[i]) is one segment's normalized output and log-sum-exp
     for the same queries; the result equals attention over the union of the
     segments' keys. Shapes: outs[i] [..., D], lses[i] f32 [...] (e.g.
-    [B, Tq, Hq, D] / [B, Tq, Hq] for prefill, [B, Hq, D] / [B, Hq] for decode).
+    [B, Hq, Tq, D] / [B, Hq, Tq] for prefill, [B, Hq, D] / [B, Hq] for decode).
     Segments with lse -inf (no visible key) get weight 0; if every segment is
     empty the result is out 0, lse -inf.
 
@@ -107,30 +112,23 @@ def merge_stacked(o, lse, *, axis, dtype):
 def decode_reference(q, k, v, lengths, *, scale=None, return_probs=False):
     """`reference_attention` for one query per row against keys j < lengths[b].
 
-    q [B, Hq, D]; k/v [B, S, Hkv, D]; lengths int32 [B]. Returns (out [B, Hq, D],
+    q [B, Hq, D]; k/v [B, Hkv, S, D]; lengths int32 [B]. Returns (out [B, Hq, D],
     lse [B, Hq]) and, with return_probs, probs f32 [B, Hq, S].
     """
-    b, s = k.shape[:2]
+    b, _, s, _ = k.shape
     zeros_q = jnp.zeros((b, 1), jnp.int32)
     kv_valid = jnp.arange(s, dtype=jnp.int32)[None, :] < lengths[:, None]
     res = reference_attention(
-        q[:, None], k, v, zeros_q, jnp.zeros((b, s), jnp.int32), kv_valid, scale=scale, return_probs=return_probs
+        q[:, :, None], k, v, zeros_q, jnp.zeros((b, s), jnp.int32), kv_valid, scale=scale, return_probs=return_probs
     )
-    out, lse = res[0][:, 0], res[1][:, 0]
+    out, lse = res[0][:, :, 0], res[1][:, :, 0]
     return (out, lse, res[2][:, :, 0]) if return_probs else (out, lse)
 
 
 def lazy_pv_reference(probs, v):
-    """out[b, h] = sum_j probs[b, h, j] v[b, j, h // g] (f32 accumulation)."""
+    """out[b, h] = sum_j probs[b, h, j] v[b, h // g, j] (f32 accumulation)."""
     b, hq, s = probs.shape
-    hkv, d = v.shape[2:]
+    hkv, _, d = v.shape[1:]
     p = probs.astype(jnp.float32).reshape(b, hkv, hq // hkv, s)
-    out = jnp.einsum("bhgs,bshd->bhgd", p, v.astype(jnp.float32), precision=_HIGHEST)
+    out = jnp.einsum("bhgs,bhsd->bhgd", p, v.astype(jnp.float32), precision=_HIGHEST)
     return out.reshape(b, hq, d).astype(v.dtype)
-
-
-def select_layer(x, layer):
-    """x[layer] of a stacked [L, ...] cache (XLA path); x if layer is None."""
-    if layer is None:
-        return x
-    return lax.dynamic_index_in_dim(x, jnp.asarray(layer, jnp.int32), 0, keepdims=False)

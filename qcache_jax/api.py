@@ -280,9 +280,10 @@ class QCacheModel:
         )
 
     def stream(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
-               options: GenerateOptions | None = None, **kwargs):
+               options: GenerateOptions | None = None, stats: dict | None = None, **kwargs):
         """Like :meth:`generate` (same arguments), yielding each step's new token per prompt as
-        a list (None for prompts that have finished)."""
+        a list (None for prompts that have finished). ``stats``, when given, receives the
+        compile and prefill seconds, the KV cache bytes and the schedule before the first token."""
         from .runtime.engine import Sampling
 
         opts = self.options(options, **kwargs)
@@ -290,7 +291,7 @@ class QCacheModel:
             raise QCacheError("stream() does not return logits; use generate(return_logits=True)")
         engine, plan, prompts, pv, _ = self._setup(prompt, images, input_ids, pixel_values, attention_mask, opts)
         sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
-        yield from engine.stream(prompts, pv, plan, sampling, opts.max_new_tokens)
+        yield from engine.stream(prompts, pv, plan, sampling, opts.max_new_tokens, stats=stats)
 
     def plan(self, prompts, n_images_per_row, opts: GenerateOptions, schedule: Schedule | None = None):
         """(engine, plan) for token-id prompts under ``opts`` (what generate compiles)."""

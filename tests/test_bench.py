@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from qcache_jax import bench
+from qcache_jax.tools import bench
 from qcache_jax.errors import QCacheError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ def test_presets_have_realistic_shapes():
     assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.head_dim, t.vocab_size) == (4096, 11008, 32, 32, 128, 32064)
     assert cfg.image_tokens_per_image == 576
     assert bench.preset_config("llava-1.5-7b", num_layers=8).text.num_layers == 8
-    from qcache_jax.convert import abstract_params
+    from qcache_jax.nn.llava import abstract_model
 
     n, _ = bench.count_params(abstract_params(bench.preset_config("cpu-300m"))[1])
     assert 250e6 < n < 350e6

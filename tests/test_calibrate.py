@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from qcache_jax import QCacheError, convert_hf, load
-from qcache_jax.calibrate import (
+from qcache_jax.tools.calibrate import (
     calibrate,
     js_divergence,
     kv_saving,
@@ -18,10 +18,10 @@ from qcache_jax.calibrate import (
     select_by_fraction,
     select_by_threshold,
 )
-from qcache_jax.calibrate_cli import register
-from qcache_jax.demo import demo_image
-from qcache_jax.schedule import SCHEDULE_FILE, load_schedule_file, resolve
-from qcache_jax.testing import build_hf_llava, save_hf
+from qcache_jax.cli import build_parser
+from qcache_jax.demo.pictures import demo_image
+from qcache_jax.lazy.schedule import SCHEDULE_FILE, Schedule
+from qcache_jax.demo.hf_models import build_hf_llava, save_hf
 
 # Layers built to copy their predecessor's attention exactly (zero-residual construction).
 COPIES = (2, 3, 5)
@@ -114,32 +114,39 @@ def test_threshold_cuts_a_run_that_drifts_from_its_anchor():
     for l in range(2, 6):
         d[l, l - 1] = d[l - 1, l] = 0.01
     d[3, 1] = d[1, 3] = 0.02
-    assert [i for i, f in enumerate(select_by_threshold(d, 0.05)) if f] == [2, 3, 5]
-    assert [i for i, f in enumerate(select_by_threshold(d, 0.05, keep_first=3)) if f] == [3, 5]
-    assert [i for i, f in enumerate(select_by_fraction(d, 0.34, keep_first=3)) if f] == [3, 5]
+    assert select_by_threshold(d, 0.05).lazy_layers == [2, 3, 5]
+    assert select_by_threshold(d, 0.05, keep_first=3).lazy_layers == [3, 5]
+    assert select_by_fraction(d, 0.34, keep_first=3, mode="gla") == Schedule.from_layers([3, 5], 6, "gla")
     with pytest.raises(QCacheError, match="only 3 of 6 may be lazy"):
         select_by_fraction(d, 0.9, keep_first=3)
 
 
 def test_kv_saving_follows_the_cache_formula(constructed):
     cfg = constructed.config
-    schedule = (False, True, True, False, True, False)
+    lazy = (False, True, True, False, True, False)
     img = cfg.image_tokens_per_image
-    assert kv_saving(schedule, "gla", cfg)["fraction"] == pytest.approx(3 / 12)
-    assert kv_saving(schedule, "vla", cfg)["fraction"] == pytest.approx(3 / 12 * img / (img + 128))
+    assert kv_saving(Schedule(lazy, "gla"), cfg)["fraction"] == pytest.approx(3 / 12)
+    assert kv_saving(Schedule(lazy, "vla"), cfg)["fraction"] == pytest.approx(3 / 12 * img / (img + 128))
 
 
 def test_schedule_json_round_trips_and_lazy_auto_uses_it(constructed, calibrated, tmp_path):
     data = json.loads(calibrated.schedule_path.read_text())
-    assert data["lazy_layers"] == list(COPIES) and data["num_layers"] == 6 and data["samples"] == 3
-    assert data["threshold"] == 1e-4 and data["mode"] == "vla" and "lazy_fraction" not in data
-    assert data["per_layer"] == json.loads(json.dumps(calibrated.per_layer()))
-    assert data["checkpoint"] == str(constructed.path.resolve()) and data["date"]
-    assert load_schedule_file(calibrated.schedule_path, 6) == (calibrated.schedule, "vla")
+    cal = data["calibration"]
+    assert data["lazy_layers"] == list(COPIES) and data["num_layers"] == 6 and cal["samples"] == 3
+    assert cal["threshold"] == 1e-4 and data["mode"] == "vla" and "lazy_fraction" not in cal
+    assert cal["per_layer"] == json.loads(json.dumps(calibrated.per_layer()))
+    assert cal["checkpoint"] == str(constructed.path.resolve()) and cal["date"]
+    assert Schedule.read(calibrated.schedule_path, 6) == calibrated.schedule
+    # The file has the permissions the umask gives, not mkstemp's 0600.
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert calibrated.schedule_path.stat().st_mode & 0o777 == 0o666 & ~umask
     # Into the checkpoint, where --lazy auto looks.
     (constructed.path / SCHEDULE_FILE).write_text(calibrated.schedule_path.read_text())
     try:
-        assert resolve("auto", 6, constructed.path) == calibrated.schedule
+        assert Schedule.resolve("auto", 6, ckpt_dir=constructed.path) == calibrated.schedule
         res = constructed.generate("what color ?", [demo_image(32, 0)], lazy="auto", max_new_tokens=2)
         assert res.lazy_layers == list(COPIES) and res.kv_cache_bytes < res.dense_kv_cache_bytes
     finally:
@@ -191,8 +198,7 @@ def test_calibrate_errors_write_nothing(constructed, tmp_path):
 
 
 def test_cli_writes_schedule_and_plot(constructed, image_folder, tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="qcache")
-    register(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     out = tmp_path / "sched" / "calib.json"
     args = parser.parse_args(
         ["calibrate", str(constructed.path), "--data", str(image_folder), "--lazy-fraction", "0.5", "--rows", "text",
@@ -200,10 +206,11 @@ def test_cli_writes_schedule_and_plot(constructed, image_folder, tmp_path, capsy
     )
     assert args.func(args) == 0
     data = json.loads(out.read_text())
-    assert data["lazy_layers"] == list(COPIES) and data["mode"] == "gla" and data["rows"] == "text"
-    assert data["lazy_fraction"] == 0.5 and data["samples"] == 2
+    cal = data["calibration"]
+    assert data["lazy_layers"] == list(COPIES) and data["mode"] == "gla" and cal["rows"] == "text"
+    assert cal["lazy_fraction"] == 0.5 and cal["samples"] == 2
     png = out.with_suffix(".png")
     assert png.read_bytes().startswith(PNG_MAGIC)
     text = capsys.readouterr().out
-    assert "adjacent JSD" in text and "lazy layers (gla): 2-3,5 (3/6)" in text and f"wrote {png}" in text
+    assert "adjacent JSD" in text and "lazy layers 2-3,5 (gla) (3/6)" in text and f"wrote {png}" in text
     assert not (constructed.path / SCHEDULE_FILE).exists()  # --out, not the checkpoint

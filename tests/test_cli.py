@@ -7,7 +7,7 @@ import json
 import pytest
 
 from qcache_jax import QCacheError, cli, load
-from qcache_jax.demo import demo_image
+from qcache_jax.demo.pictures import demo_image
 
 PROMPT = "what color is the circle ?"
 
@@ -58,7 +58,9 @@ def test_human_output_and_stream_agree(tiny_ckpt, image_path, capsys):
     assert code == 0 and "tokens/s" in out and "KV cache" in out
     text = out.splitlines()[0]
     code, streamed, _ = _run(base + ["--stream"], capsys)
-    assert code == 0 and streamed.strip() == text.strip()
+    lines = streamed.strip().splitlines()
+    assert code == 0 and lines[0].strip() == text.strip()
+    assert len(lines) == 2 and "tokens/s" in lines[1] and "KV cache" in lines[1]  # the stats, after the text
 
 
 def test_stream_equals_generate(tiny_ckpt, image_path):

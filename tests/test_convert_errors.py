@@ -11,7 +11,7 @@ import torch
 
 from qcache_jax import QCacheError, convert_hf
 from qcache_jax import cli
-from qcache_jax.testing import build_hf_llava
+from qcache_jax.demo.hf_models import build_hf_llava
 from tiny_models import layout_state_dict, write_state_dict
 
 
@@ -125,7 +125,7 @@ def test_missing_source_and_bad_dtype(tmp_path, capsys):
 
 
 def test_interrupt_leaves_nothing(hf_model, tmp_path, monkeypatch):
-    import qcache_jax.convert as conv
+    import qcache_jax.io.convert as conv
 
     src = _src(hf_model, tmp_path)
 

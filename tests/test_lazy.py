@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from qcache_jax import QCacheError, convert_hf, load
-from qcache_jax.testing import build_hf_llava
+from qcache_jax.demo.hf_models import build_hf_llava
 from lazy_reference import lazy_logits_reference
 from tiny_models import make_inputs
 
@@ -30,7 +30,7 @@ def lazy_pair(tmp_path_factory):
 def test_lazy_logits_match_numpy_reference(lazy_pair, mode, spec, rng):
     hf, qm = lazy_pair
     ids, pv = make_inputs(hf.config, 2, 6, rng)
-    lazy = qm.resolve_lazy(spec)
+    lazy = qm.resolve_lazy(spec).lazy
     ref = lazy_logits_reference(hf, ids, pv, lazy, mode)
     out = qm.logits(ids, pv, lazy=spec, mode=mode)
     assert np.abs(out - ref).max() <= TOL
@@ -42,8 +42,8 @@ def test_scanned_mask_equals_unrolled(lazy_pair, rng):
     hf, qm = lazy_pair
     ids, pv = make_inputs(hf.config, 2, 5, rng)
     for mode in ("gla", "vla"):
-        a = qm.logits(ids, pv, lazy="2-4", mode=mode)
-        b = qm.logits(ids, pv, lazy="2-4", mode=mode, unroll=True)
+        a = qm.logits(ids, pv, lazy="2-4", mode=mode, loop="scan")
+        b = qm.logits(ids, pv, lazy="2-4", mode=mode, loop="unroll")
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
@@ -98,11 +98,13 @@ def _check_decode_vs_forward(qm, ids, pv, lazy, mode, **kw):
         np.testing.assert_allclose(res.logits[row], ref, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("loop", ["unroll", "scan"])
 @pytest.mark.parametrize("lazy,mode", [(None, "vla"), ("1-2,4", "gla"), ("1-2,4", "vla"), ("1-5", "gla")])
-def test_decode_equals_full_forward_every_position(lazy_pair, rng, lazy, mode):
+def test_decode_equals_full_forward_every_position(lazy_pair, rng, lazy, mode, loop):
+    """Prefill + decode through the layer stack, scanned or unrolled, equal the full forward."""
     hf, qm = lazy_pair
     ids, pv = make_inputs(hf.config, 2, 5, rng)
-    _check_decode_vs_forward(qm, ids, pv, lazy, mode)
+    _check_decode_vs_forward(qm, ids, pv, lazy, mode, loop=loop)
 
 
 def test_gla_prob_reuse_equals_recompute(lazy_pair, rng):
@@ -134,11 +136,7 @@ def test_kv_cache_bytes_formula(lazy_pair, rng, mode):
     hf, qm = lazy_pair
     ids, pv = make_inputs(hf.config, 1, 5, rng)
     res = qm.generate(input_ids=ids, pixel_values=pv, lazy="1-3,5", mode=mode, max_new_tokens=4)
-    layout = (
-        qm.engine()
-        .plan([ids[0].tolist()], [1], schedule=qm.resolve_lazy("1-3,5"), mode=mode, max_new_tokens=4, eos=(), pad_id=0)
-        .layout
-    )
+    layout = qm.engine().plan([ids[0].tolist()], [1], schedule=qm.resolve_lazy("1-3,5", mode), max_new_tokens=4).layout
     n_lazy, n_layers = 4, 6
     ratio = res.kv_cache_bytes / res.dense_kv_cache_bytes
     share = 1.0 if mode == "gla" else layout.image_len / (layout.image_len + layout.text_len)

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from qcache_jax import QCacheError, load, vqa_data
-from qcache_jax.export import export_hf
-from qcache_jax.schedule import SCHEDULE_FILE
-from qcache_jax.train import Batcher, TrainConfig, compiled_steps, demo_model, fit, graphdef_for, init_params, train_demo, tune
+from qcache_jax import QCacheError, load
+from qcache_jax.demo import synthetic_vqa as vqa_data
+from qcache_jax.io.export import export_hf
+from qcache_jax.lazy.schedule import SCHEDULE_FILE, Schedule
+from qcache_jax.demo.train_demo import demo_model, synthetic_source, train_demo
+from qcache_jax.tools.train import Batcher, TrainConfig, compiled_steps, fit, graphdef_for, init_params, tune
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vision_hidden=32,
             vision_layers=2, vision_heads=4, image_size=32, patch_size=8)
@@ -84,15 +86,17 @@ def test_train_demo_checkpoint_loads(trained_ckpt):
 
 
 def test_tune_writes_schedule_and_mode(trained_ckpt, tmp_path):
-    out, history = tune(trained_ckpt, tmp_path / "gla", lazy="2-3", mode="gla", steps=2, batch_size=4, warmup_steps=1,
-                        distill=1.0, val_examples=4, progress=False, log=None)
+    data = synthetic_source(0, 4, image_size=32, val_examples=4)
+    out, history = tune(trained_ckpt, tmp_path / "gla", lazy="2-3", mode="gla", data=data, steps=2, batch_size=4,
+                        warmup_steps=1, distill=1.0, progress=False, log=None)
     sched = json.loads((out / SCHEDULE_FILE).read_text())
     assert sched["lazy_layers"] == [2, 3] and sched["mode"] == "gla" and sched["tuned"]["steps"] == 2
     assert np.isfinite(history["loss"]).all()
     model = load(out)
-    assert model.resolve_lazy("auto") == (False, False, True, True)
+    # --lazy auto takes the schedule and the mode the tuning recorded, without --mode.
+    assert model.resolve_lazy("auto") == Schedule((False, False, True, True), "gla")
     with pytest.raises(QCacheError, match="at least one lazy layer"):
-        tune(trained_ckpt, tmp_path / "x", lazy="none", steps=1, progress=False, log=None)
+        tune(trained_ckpt, tmp_path / "x", lazy="none", data=data, steps=1, progress=False, log=None)
 
 
 def test_export_round_trip_matches_transformers(trained_ckpt, tmp_path):

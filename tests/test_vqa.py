@@ -9,10 +9,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from qcache_jax import QCacheError, load, vqa_data
-from qcache_jax.evaluate import evaluate, load_records
-from qcache_jax.train import demo_model, init_params, write_checkpoint
-from qcache_jax.train_cli import register
+from qcache_jax import QCacheError, load
+from qcache_jax.demo import synthetic_vqa as vqa_data
+from qcache_jax.tools.vqa import normalize_answer, write_jsonl
+from qcache_jax.tools.evaluate import evaluate, load_records
+from qcache_jax.demo.train_demo import demo_model
+from qcache_jax.tools.train import init_params, write_checkpoint
+from qcache_jax.cli import build_parser
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vision_hidden=32,
             vision_layers=2, vision_heads=4, image_size=32, patch_size=8)
@@ -68,8 +71,8 @@ def test_tokenizer_knows_every_word_and_round_trips():
 
 
 def test_normalize_answer():
-    assert vqa_data.normalize_answer("  Red. ") == "red"
-    assert vqa_data.normalize_answer("yes!") == "yes"
+    assert normalize_answer("  Red. ") == "red"
+    assert normalize_answer("yes!") == "yes"
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +87,12 @@ def tiny_ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def eval_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("vqa_jsonl")
-    vqa_data.write_jsonl(d, vqa_data.split("test", 10), name="test.jsonl", calibration_name="calib.jsonl")
+    write_jsonl(d, vqa_data.split("test", 10), name="test.jsonl", calibration_name="calib.jsonl")
     return d
 
 
 def _cli(argv):
-    p = argparse.ArgumentParser()
-    register(p.add_subparsers(dest="command", required=True))
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

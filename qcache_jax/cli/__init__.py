@@ -1,53 +1,51 @@
-"""The ``qcache`` command line. User errors print one line on stderr and exit non-zero."""
+"""The ``qcache`` command line: one module per command. User errors print one line on stderr
+and exit with status 2 (no traceback); anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .errors import QCacheError
-
-
-def _cmd_convert(args) -> int:
-    from .convert import convert_hf
-
-    out = convert_hf(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
-    print(f"wrote {out}")
-    return 0
+from ..errors import QCacheError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+    from . import bench, calibrate, convert, demo_data, evaluate, export, generate, tune
+
     p = argparse.ArgumentParser(prog="qcache", description="Lazy Attention with Q Cache for LLaVA models in JAX.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    c = sub.add_parser("convert", help="convert a Hugging Face LLaVA checkpoint to an Orbax checkpoint")
-    c.add_argument("src", help="local Hugging Face model directory, or a Hub id (needs a network)")
-    c.add_argument("out", help="output checkpoint directory (must not exist unless --force)")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    c.add_argument("--force", action="store_true", help="replace an existing OUT (only after success)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.set_defaults(func=_cmd_convert)
-
-    from . import bench_cli, calibrate_cli, generate_cli, train_cli
-
-    generate_cli.register(sub)
-    calibrate_cli.register(sub)
-    bench_cli.register(sub)
-    train_cli.register(sub)
+    p.add_argument("--version", action="version", version=f"qcache-jax {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (convert, generate, calibrate, bench, evaluate, tune, export, demo_data):
+        module.register(sub)
     return p
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    where = f"qcache {args.command}"
     try:
         return args.func(args)
     except QCacheError as e:
-        print(f"qcache {args.command}: error: {e}", file=sys.stderr)
+        print(f"{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"qcache {args.command}: interrupted", file=sys.stderr)
+        print(f"{where}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - only out-of-memory is turned into a user error
+        if not _out_of_memory(e):
+            raise
+        print(
+            f"{where}: error: out of memory ({type(e).__name__}); try a smaller --batch, a shorter prompt or "
+            "fewer --max-new-tokens",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 
-from .errors import QCacheError
+from ..errors import QCacheError
 
 
 def register(subparsers) -> None:
@@ -47,7 +47,7 @@ def _raw_formatter():
 def bench_config(ckpt: str):
     """(config, loader) for a checkpoint directory or ``random:PRESET[:LAYERS]``: the config is
     read first so that bad options fail before any weights are built or loaded."""
-    from . import bench
+    from ..tools import bench
 
     if ckpt.startswith("random:"):
         parts = ckpt.split(":")
@@ -61,12 +61,12 @@ def bench_config(ckpt: str):
         return cfg, lambda seed: _random_model(cfg, seed)
     from pathlib import Path
 
-    from .checkpoint import read_config
+    from ..io.checkpoint import read_config
 
     path = Path(ckpt).expanduser()
     if not path.is_dir():
         raise QCacheError(f"{ckpt}: no such checkpoint directory")
-    from . import load
+    from .. import load
 
     return read_config(path), lambda seed: load(path)
 
@@ -74,14 +74,14 @@ def bench_config(ckpt: str):
 @functools.lru_cache(maxsize=2)
 def _random_model(cfg, seed):
     """Random benchmark models are kept (with their compiled executables) for repeated calls."""
-    from . import bench
+    from ..tools import bench
 
     return bench.random_model(cfg, seed=seed)
 
 
 def run_bench(args) -> int:
-    from . import bench
-    from . import schedule as sched
+    from ..tools import bench
+    from ..lazy.schedule import Schedule
 
     for name in ("batch", "new_tokens", "repeats"):
         low = 2 if name == "new_tokens" else 1
@@ -121,7 +121,7 @@ RUN_FIELDS = (
 def bench_report(ckpt: str, results: dict) -> dict:
     """The JSON object ``qcache bench --json`` prints: environment, one entry per run, and the
     lazy/dense decode speedup (1.0 when only dense was run)."""
-    from .bench import environment
+    from ..tools.bench import environment
 
     runs = [{k: r[k] for k in RUN_FIELDS} for r in results.values()]
     lazy = runs[-1]

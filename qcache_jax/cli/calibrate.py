@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .lazy_attention import MODES
+from ..lazy.schedule import MODES
+from .common import HelpFormatter
 
 
 def register(subparsers) -> None:
     """Add the ``calibrate`` subcommand to an ``argparse`` subparsers object."""
-    from .calibrate import DEFAULT_LAZY_FRACTION, PROMPTS_FILE, ROWS
+    from ..tools.calibrate import DEFAULT_LAZY_FRACTION, PROMPTS_FILE, ROWS
 
     c = subparsers.add_parser(
         "calibrate",
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
             "between layers' attention rows, choose the lazy layers and write CKPT/schedule.json "
             "(read by --lazy auto), a plot and a table."
         ),
+        formatter_class=HelpFormatter,
     )
     c.add_argument("ckpt", help="checkpoint directory (from qcache convert)")
     c.add_argument(
@@ -48,20 +50,21 @@ def register(subparsers) -> None:
     c.add_argument("--max-samples", type=int, metavar="N", help="use at most N samples")
     c.add_argument("--out", metavar="SCHEDULE.json", help="where to write the schedule (default CKPT/schedule.json)")
     c.add_argument("--plot", metavar="PATH.png", help="where to write the plot (default: beside the schedule, .png)")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument("--quiet", action="store_true", help="no progress messages or bar")
     c.set_defaults(func=run)
 
 
 def run(args) -> int:
     """Handler of ``qcache calibrate``: calibrates, prints the table and summary, returns 0.
     User errors raise :class:`~qcache_jax.errors.QCacheError` (the CLI prints them as one line)."""
-    from .calibrate import calibrate, format_table, summary
-    from .schedule import SCHEDULE_FILE
+    from ..lazy.schedule import SCHEDULE_FILE
+    from ..tools.calibrate import calibrate, format_table, summary
+    from .common import load_model
 
     out = Path(args.out) if args.out else Path(args.ckpt) / SCHEDULE_FILE
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     result = calibrate(
-        args.ckpt,
+        load_model(args),
         args.data,
         threshold=args.threshold,
         lazy_fraction=args.lazy_fraction,

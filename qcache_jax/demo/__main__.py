@@ -6,6 +6,8 @@ from a fixed seed under .demo/ and converted into checkpoints/tiny-random-llava.
 
 from __future__ import annotations
 
+from .pictures import CALIB_PROMPTS, DEMO_CALIB, demo_image, write_calibration_data  # noqa: F401
+
 import shutil
 import time
 from pathlib import Path
@@ -16,23 +18,10 @@ DEMO_HF = Path(".demo/hf-tiny-random-llava")
 DEMO_CKPT = Path("checkpoints/tiny-random-llava")
 
 
-def demo_image(size: int = 64, seed: int = 0):
-    """A generated RGB picture (a coloured disc on a gradient) as a PIL image."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = np.stack([x, y, 0.5 * (x + y)], -1) * 120
-    cy, cx, r = rng.uniform(0.3, 0.7, 2).tolist() + [0.2]
-    disc = (x - cx) ** 2 + (y - cy) ** 2 < r**2
-    img[disc] = rng.integers(100, 255, 3)
-    return Image.fromarray(img.astype(np.uint8))
-
-
 def build_demo_checkpoint() -> Path:
     """Build the seeded tiny HF model with tokenizer/processor and convert it (a few seconds)."""
-    from .convert import convert_hf
-    from .testing import build_hf_llava, save_hf
+    from ..io.convert import convert_hf
+    from .hf_models import build_hf_llava, save_hf
 
     shutil.rmtree(DEMO_HF, ignore_errors=True)
     model = build_hf_llava(seed=0, hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4, num_kv_heads=2)
@@ -42,26 +31,13 @@ def build_demo_checkpoint() -> Path:
 
 
 DEMO_SCHEDULE = "2-3,5-7"  # 5 of 8 layers lazy
-DEMO_CALIB = Path(".demo/calibration")
-CALIB_PROMPTS = ("what color is the circle ?", "where is the circle ?", "describe the picture .")
-
-
-def write_calibration_data(folder: Path = DEMO_CALIB, n_images: int = 6) -> Path:
-    """Generated pictures plus a prompts.txt: the folder form of `qcache calibrate --data`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n_images):
-        demo_image(seed=100 + i).save(folder / f"img{i}.png")
-    (folder / "prompts.txt").write_text("\n".join(CALIB_PROMPTS) + "\n")
-    return folder
-
-
 SHIPPED = Path("checkpoints/vqa-demo")  # trained here by `qcache train-demo` (benchmarks/retention.py tunes the rest)
 TUNED = {"gla": Path("checkpoints/vqa-demo-gla"), "vla": Path("checkpoints/vqa-demo-vla")}
 EVAL_EXAMPLES = 64
 
 
 def _answers_side_by_side(models: dict, n: int = 6) -> None:
-    from .vqa_data import split
+    from .synthetic_vqa import split
 
     print(f"{'question':<34} {'truth':<10}" + "".join(f"{name:<14}" for name in models))
     for ex in split("test", n):
@@ -73,7 +49,7 @@ def _answers_side_by_side(models: dict, n: int = 6) -> None:
 
 
 def _accuracy_table(models: dict, data: Path) -> None:
-    from .evaluate import evaluate
+    from ..tools.evaluate import evaluate
 
     results = {name: evaluate(m, data, lazy=lazy, mode=mode) for name, (m, lazy, mode) in models.items()}
     dense = results["dense"]
@@ -92,8 +68,9 @@ def main() -> None:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from . import load
-    from .vqa_data import split, write_jsonl
+    from .. import load
+    from ..tools.vqa import write_jsonl
+    from .synthetic_vqa import split
 
     t0 = time.perf_counter()
     dense = load(SHIPPED)
@@ -138,7 +115,7 @@ def main() -> None:
         f"greedy tokens identical to HF generate: {'yes' if same else 'NO'}"
     )
 
-    from .calibrate import calibrate, summary
+    from ..tools.calibrate import calibrate, summary
 
     print("\ncalibration of the trained model (qcache calibrate) on generated pictures, 5 of 8 layers:")
     cal = calibrate(

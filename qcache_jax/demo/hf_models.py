@@ -1,52 +1,30 @@
-"""Tiny random Hugging Face LLaVA models, tokenizer and processor, built locally (no downloads).
-
-Used by the test suite and by ``make demo``. Needs torch and transformers (the ``dev`` extra).
-"""
+"""Tiny random Hugging Face LLaVA models with tokenizer and processor, built locally (no
+downloads), for the tests and ``make demo``. Needs torch and transformers (the ``dev`` extra).
+The transformers config comes from :func:`qcache_jax.io.hf_config.to_hf_config`, the one
+builder of HF configs."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-# A LLaVA-1.5 style chat template: one <image> placeholder per image, then the prompt.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: "
-    "{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %} {% else %}ASSISTANT: "
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}</s>"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
+from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..io.hf_config import from_hf_config, to_hf_config
+from .tokenizer import SPECIALS, llava_processor, word_tokenizer
+
 WORDS = (
     "USER: ASSISTANT: what is in the image ? a an red green blue yellow circle square triangle left right "
     "top bottom center yes no color shape where there of and , . : describe picture small big one two three"
 ).split()
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 
 
 def tiny_tokenizer():
-    """A word-level fast tokenizer: specials, a few words and single characters (never <unk> for ASCII)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for w in WORDS + [chr(c) for c in range(33, 127)]:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """A word-level tokenizer: specials, a few words and single characters (never <unk> for ASCII)."""
+    return word_tokenizer(WORDS + [chr(c) for c in range(33, 127)])
 
 
-def build_hf_llava(
+def tiny_config(
     *,
-    seed: int = 0,
     vocab_size: int | None = None,
     hidden_size: int = 32,
     intermediate_size: int = 64,
@@ -55,7 +33,7 @@ def build_hf_llava(
     num_kv_heads: int = 2,
     head_dim: int | None = None,
     tie_word_embeddings: bool = False,
-    rope_parameters: dict | None = None,
+    rope: RopeConfig = RopeConfig(),
     text_model_type: str = "llama",
     vision_hidden: int = 32,
     vision_layers: int = 3,
@@ -68,83 +46,104 @@ def build_hf_llava(
     multimodal_projector_bias: bool = True,
     attention_bias: bool = False,
     max_position_embeddings: int = 512,
-    initializer_range: float = 0.2,
-):
-    """A random ``LlavaForConditionalGeneration`` (float32, eval mode) seeded by ``seed``."""
-    import torch
-    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
+) -> LlavaConfig:
+    """Our config of a tiny LLaVA (ids: <s> 1, </s> 2, <pad> 3, image token <image> 4, or the
+    last id when ``vocab_size`` is given)."""
     n_vocab = vocab_size or len(tiny_tokenizer())
-    text_kwargs = dict(
+    text = TextConfig(
         vocab_size=n_vocab,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim or hidden_size // num_heads,
+        rms_norm_eps=1e-6,
+        rope=rope,
         max_position_embeddings=max_position_embeddings,
+        qkv_bias=attention_bias or text_model_type == "qwen2",
+        o_bias=attention_bias and text_model_type == "llama",
         tie_word_embeddings=tie_word_embeddings,
+        model_type=text_model_type,
         bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=(2,),
         pad_token_id=3,
-        # Larger than HF's 0.02 so that attention is far from uniform and layers differ: a lazy
-        # layer then visibly changes the output, and tests can tell right from wrong.
-        initializer_range=initializer_range,
     )
-    if head_dim is not None:
-        text_kwargs["head_dim"] = head_dim
-    if rope_parameters is not None:
-        text_kwargs["rope_parameters"] = dict(rope_parameters)
-    if text_model_type == "llama":
-        text_kwargs["attention_bias"] = attention_bias
-    text_cfg = AutoConfig.for_model(text_model_type, **text_kwargs)
-    vision_cfg = CLIPVisionConfig(
+    vision = VisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
+        num_layers=vision_layers,
+        num_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=16,
-        initializer_range=initializer_range / 2,
     )
-    n_patches = (image_size // patch_size) ** 2
-    cfg = LlavaConfig(
-        vision_config=vision_cfg,
-        text_config=text_cfg,
-        image_token_index=SPECIALS.index("<image>") if vocab_size is None else n_vocab - 1,
+    n_patches = vision.num_patches
+    vfl = vision_feature_layer if isinstance(vision_feature_layer, int) else tuple(vision_feature_layer)
+    return LlavaConfig(
+        vision=vision,
+        text=text,
+        image_token_id=SPECIALS.index("<image>") if vocab_size is None else n_vocab - 1,
         image_seq_length=n_patches + (vision_feature_select_strategy == "full"),
-        vision_feature_layer=vision_feature_layer,
-        vision_feature_select_strategy=vision_feature_select_strategy,
         projector_hidden_act=projector_hidden_act,
-        multimodal_projector_bias=multimodal_projector_bias,
-        tie_word_embeddings=tie_word_embeddings,
+        projector_bias=multimodal_projector_bias,
+        vision_feature_layer=vfl,
+        vision_feature_select_strategy=vision_feature_select_strategy,
     )
-    model = LlavaForConditionalGeneration(cfg).eval()
-    # Random init draws biases and norm weights as 0/1; perturb them so parity tests see them.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+
+
+def random_hf_model(cfg: LlavaConfig, *, seed: int = 0, initializer_range: float = 0.02, perturb: bool = False):
+    """A random transformers model (``LlavaForConditionalGeneration``, or a ``*ForCausalLM``
+    for a text-only config) for ``cfg``, float32, eval mode, seeded. ``perturb``: also draw the
+    biases and norm weights (which transformers initialises as 0/1) so parity tests see them."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    hf_cfg = to_hf_config(
+        cfg,
+        text_extra={"initializer_range": initializer_range},
+        vision_extra={"initializer_range": initializer_range / 2},
+    )
+    if cfg.vision is None:
+        model = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    else:
+        model = LlavaForConditionalGeneration(hf_cfg).eval()
+    if perturb:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.add_(0.1 * torch.randn_like(p))
     return model
+
+
+def build_hf_llava(*, seed: int = 0, initializer_range: float = 0.2, rope_parameters: dict | None = None, **kwargs):
+    """A random tiny ``LlavaForConditionalGeneration`` (float32, eval) seeded by ``seed``;
+    ``kwargs`` are :func:`tiny_config`'s.
+
+    ``initializer_range`` is larger than HF's 0.02 so that attention is far from uniform and
+    layers differ: a lazy layer then visibly changes the output, and tests can tell right from
+    wrong. Biases and norm weights are perturbed so parity tests see them."""
+    if rope_parameters is not None:
+        kwargs["rope"] = _rope(rope_parameters)
+    cfg = tiny_config(**kwargs)
+    return random_hf_model(cfg, seed=seed, initializer_range=initializer_range, perturb=True)
+
+
+def _rope(params: dict) -> RopeConfig:
+    p = dict(params)
+    rope_type = p.pop("rope_type", "default")
+    base = RopeConfig(theta=float(p.pop("rope_theta", 10000.0)), rope_type=rope_type)
+    return dataclasses.replace(base, **{k: v for k, v in p.items() if k in {f.name for f in dataclasses.fields(RopeConfig)}})
 
 
 def tiny_processor(model, tokenizer=None):
     """A LlavaProcessor (CLIP image processor + tokenizer + chat template) matching ``model``."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    vc = model.config.vision_config
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size}
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer or tiny_tokenizer(),
-        patch_size=vc.patch_size,
-        vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
+    cfg = from_hf_config(model.config)
+    return llava_processor(
+        tokenizer or tiny_tokenizer(),
+        image_size=cfg.vision.image_size,
+        patch_size=cfg.vision.patch_size,
+        strategy=cfg.vision_feature_select_strategy,
     )
 
 

@@ -12,19 +12,16 @@ one-word answer. Four question kinds, balanced by index (``index % 4``):
 Splits are different seeds (``SPLITS``: train 0, validation 1, test 2). The tokenizer is word
 level (lowercased, punctuation split off) with a LLaVA-1.5 chat template, saved in Hugging Face
 format together with a ``LlavaProcessor`` (CLIP image processor), so a checkpoint trained on
-this task works with ``qcache generate --image``. :func:`write_jsonl` writes an evaluation set
-(PNG images + ``{"image", "question", "answer"}`` lines) that ``qcache eval`` reads.
+this task works with ``qcache generate --image``; :func:`qcache_jax.tools.vqa.write_jsonl`
+writes an evaluation set that ``qcache eval`` reads.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from pathlib import Path
-
 import numpy as np
 
-from .testing import CHAT_TEMPLATE
+from ..tools.vqa import Example
+from .tokenizer import llava_processor, word_tokenizer
 
 COLORS = {
     "red": (220, 40, 40),
@@ -42,22 +39,10 @@ BACKGROUND = (235, 235, 235)
 IMAGE_SIZE = 64
 PATCH_SIZE = 16
 
-SPECIALS = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
 WORDS = (
     "user assistant : ? . , what color colour is the shape it a an where yes no which in image picture "
     "there of this"
 ).split() + list(COLORS) + list(SHAPES) + list(POSITIONS)
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One question about one image. ``attributes``: the scene (color, shape, position)."""
-
-    image: object  # PIL.Image.Image (RGB)
-    question: str
-    answer: str
-    kind: str
-    attributes: dict
 
 
 def render(color: str, shape: str, position: str, *, size: float, jitter: tuple[float, float], image_size: int = IMAGE_SIZE):
@@ -124,68 +109,10 @@ def split(name: str, count: int, *, base_seed: int = 0, **kw) -> list[Example]:
 
 
 def build_tokenizer():
-    """Word-level fast tokenizer (lowercased, punctuation split off) with the chat template."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIALS)}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """Word-level tokenizer (lowercased, punctuation split off) with the chat template."""
+    return word_tokenizer(WORDS, lowercase=True, split_punctuation=True)
 
 
 def build_processor(tokenizer=None, *, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE):
-    """A ``LlavaProcessor``: CLIP image processor (resize/crop to ``image_size``, CLIP
-    normalisation) + the tokenizer + the chat template (as in :mod:`qcache_jax.testing`)."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
-
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer or build_tokenizer(),
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def save_tokenizer_and_processor(directory: Path, processor) -> None:
-    """Tokenizer, processor and chat template files in HF format (what ``qcache_jax.load`` reads)."""
-    directory = Path(directory)
-    processor.save_pretrained(str(directory))
-    processor.tokenizer.save_pretrained(str(directory))
-
-
-def normalize_answer(text) -> str:
-    """Lowercase, collapse whitespace, strip surrounding spaces and trailing punctuation."""
-    return " ".join(str(text).lower().replace("?", " ").replace(".", " ").replace("!", " ").split()).strip(" ,")
-
-
-# -- evaluation files ----------------------------------------------------------------------------
-
-
-def write_jsonl(directory: Path, exs: list[Example], *, name: str = "data.jsonl", calibration_name: str | None = None) -> Path:
-    """PNG images under ``directory/images/`` and ``directory/name`` with one
-    ``{"image", "question", "answer", "kind"}`` object per line (image paths relative to the
-    file's folder). ``calibration_name``: also a ``{"image", "prompt"}`` file for ``qcache calibrate``."""
-    directory = Path(directory)
-    (directory / "images").mkdir(parents=True, exist_ok=True)
-    lines, calib = [], []
-    for i, ex in enumerate(exs):
-        rel = f"images/{i:05d}.png"
-        ex.image.save(directory / rel)
-        lines.append(json.dumps({"image": rel, "question": ex.question, "answer": ex.answer, "kind": ex.kind}))
-        calib.append(json.dumps({"image": rel, "prompt": ex.question}))
-    path = directory / name
-    path.write_text("\n".join(lines) + "\n")
-    if calibration_name:
-        (directory / calibration_name).write_text("\n".join(calib) + "\n")
-    return path
+    """A ``LlavaProcessor`` for this task's images and tokenizer."""
+    return llava_processor(tokenizer or build_tokenizer(), image_size=image_size, patch_size=patch_size)

@@ -74,7 +74,21 @@ def copy_hf_side_files(src: Path, dst: Path) -> None:
         shutil.copy2(src / "config.json", dst / HF_CONFIG_FILE)
 
 
+def save_tokenizer_and_processor(directory: Path, processor=None, tokenizer=None) -> None:
+    """Write a live processor (with its tokenizer) or tokenizer in HF format: the side files
+    :func:`qcache_jax.load` reads back."""
+    directory = Path(directory)
+    if processor is not None:
+        processor.save_pretrained(str(directory))
+        tokenizer = tokenizer or processor.tokenizer
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))
+
+
 def read_config(directory: Path) -> LlavaConfig:
+    """The checkpoint's :class:`LlavaConfig` (cheap: no weights are read)."""
+    if not Path(directory).is_dir():
+        raise QCacheError(f"{directory}: no such checkpoint directory")
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise QCacheError(f"{directory}: not a qcache checkpoint (no {CONFIG_FILE}); convert it with `qcache convert`")

@@ -21,7 +21,7 @@ from .._files import atomic_output_dir
 from ..config import LlavaConfig
 from ..errors import QCacheError
 from ..nn.llava import abstract_model
-from .checkpoint import copy_hf_side_files, save_checkpoint
+from .checkpoint import copy_hf_side_files, save_checkpoint, save_tokenizer_and_processor
 from .hf_config import from_hf_config
 from .names import canonical_name, flax_shape, hf_shape, key_path, param_name, to_flax
 
@@ -112,10 +112,14 @@ def read_source(src: Path, dtype: str):
     """(config, tensor source, writer of the tokenizer/processor side files) for a model
     directory or a GGUF file."""
     if src.is_file():
-        from . import gguf
+        from transformers import AutoConfig
 
-        cfg = from_hf_config(gguf.gguf_hf_config(src), dtype=dtype)
-        return cfg, gguf.GGUFSource(src), lambda out: gguf.save_tokenizer(src, out)
+        from .gguf import GGUFSource, gguf_tokenizer
+
+        source = GGUFSource(src)
+        d = dict(source.config)
+        cfg = from_hf_config(AutoConfig.for_model(d.pop("model_type"), **d), dtype=dtype)
+        return cfg, source, lambda out: save_tokenizer_and_processor(out, tokenizer=gguf_tokenizer(src))
     from .tensors import TensorSource
 
     cfg, _ = load_hf_config(src, dtype)

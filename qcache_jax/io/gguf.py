@@ -4,8 +4,8 @@ A GGUF file holds the weights of a text model under llama.cpp's names (``blk.3.a
 possibly quantised (Q4_1, Q8_0, ...), together with the model's hyperparameters and tokenizer
 as metadata. This module turns one into what the converter reads from a Hugging Face checkpoint:
 
-* :class:`GGUFSource` -- the tensor-source interface of :class:`qcache_jax.tensors.TensorSource`
-  (``keys()``, ``shape(key)``, ``get(key)``) under ``*ForCausalLM`` state-dict names, in HF layout,
+* :class:`GGUFSource` -- the tensor-source interface of ``TensorSource`` (``qcache_jax.io.tensors``:
+  ``keys()``, ``shape(key)``, ``get(key)``) under ``*ForCausalLM`` state-dict names, in HF layout,
   each tensor dequantised to float32 only when asked for;
 * :func:`gguf_config` -- the transformers config dict of the text model;
 * :func:`gguf_tokenizer` -- the tokenizer transformers builds from the file, with its chat template.
@@ -304,13 +304,22 @@ def _inspect(path: Path, reader) -> _GGUFFile:
     def meta(key, default=_MISSING):
         return _meta(reader, key, default, path)
 
+    def meta_int(key, default=_MISSING):
+        v = meta(key, default)
+        if v is None:
+            return None
+        try:
+            return int(v)
+        except (TypeError, ValueError):  # e.g. a per-layer list where llama/qwen2 have one number
+            raise QCacheError(f"{path}: GGUF metadata {key} = {v!r} is not a single integer") from None
+
     arch = meta("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         hint = " (llama.cpp stores Mistral models as 'llama')" if arch == "mistral" else ""
         raise QCacheError(
             f"{path}: GGUF architecture {arch!r} is not supported{hint}; supported: llama (incl. Mistral), qwen2"
         )
-    if int(meta("split.count", 1)) > 1:
+    if meta_int("split.count", 1) > 1:
         raise QCacheError(
             f"{path}: split GGUF files are not supported (split.count={meta('split.count')}); "
             "merge them first with llama-gguf-split --merge"
@@ -319,10 +328,10 @@ def _inspect(path: Path, reader) -> _GGUFFile:
     if scaling not in ("none", ""):
         raise QCacheError(f"{path}: rope scaling {scaling!r} in GGUF files is not supported")
 
-    n_layers = int(meta(f"{arch}.block_count"))
-    hidden = int(meta(f"{arch}.embedding_length"))
-    n_heads = int(meta(f"{arch}.attention.head_count"))
-    n_kv = int(meta(f"{arch}.attention.head_count_kv", n_heads))  # llama.cpp's default: no GQA
+    n_layers = meta_int(f"{arch}.block_count")
+    hidden = meta_int(f"{arch}.embedding_length")
+    n_heads = meta_int(f"{arch}.attention.head_count")
+    n_kv = meta_int(f"{arch}.attention.head_count_kv", n_heads)  # llama.cpp's default: no GQA
     if n_heads <= 0 or n_kv <= 0 or n_heads % n_kv:
         raise QCacheError(f"{path}: bad head counts in GGUF metadata ({n_heads} query, {n_kv} key/value heads)")
 
@@ -386,17 +395,18 @@ def _inspect(path: Path, reader) -> _GGUFFile:
     q_rows = hf_shape("blk.0.attn_q.weight")[0]
     # head_dim: llama.cpp writes attention.key_length only when the HF config had head_dim, and for
     # llama always rope.dimension_count (= head_dim, transformers reads it as such); else hidden/heads.
-    head_dim = meta(f"{arch}.attention.key_length", None)
+    head_dim = meta_int(f"{arch}.attention.key_length", None)
     if head_dim is None and arch == "llama":
-        head_dim = meta("llama.rope.dimension_count", None)
-    head_dim = int(head_dim) if head_dim is not None else hidden // n_heads
+        head_dim = meta_int("llama.rope.dimension_count", None)
+    if head_dim is None:
+        head_dim = hidden // n_heads
     if emb_hidden != hidden or q_rows != n_heads * head_dim or head_dim % 2:
         raise QCacheError(
             f"{path}: GGUF metadata (hidden {hidden}, {n_heads} heads of {head_dim}) does not match the tensors "
             f"(embedding width {emb_hidden}, q_proj rows {q_rows})"
         )
-    meta_vocab = meta(f"{arch}.vocab_size", None)
-    if meta_vocab is not None and int(meta_vocab) != vocab:
+    meta_vocab = meta_int(f"{arch}.vocab_size", None)
+    if meta_vocab is not None and meta_vocab != vocab:
         raise QCacheError(f"{path}: GGUF metadata says vocab_size {meta_vocab}, token_embd.weight has {vocab} rows")
 
     model_type = arch
@@ -435,7 +445,7 @@ def _inspect(path: Path, reader) -> _GGUFFile:
         "architectures": [_HF_CLASSES[model_type]],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(meta(f"{arch}.feed_forward_length")),
+        "intermediate_size": meta_int(f"{arch}.feed_forward_length"),
         "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv,
@@ -444,7 +454,7 @@ def _inspect(path: Path, reader) -> _GGUFFile:
         "rms_norm_eps": _f32(meta(f"{arch}.attention.layer_norm_rms_epsilon")),
         # llama.cpp's default base when the key is absent is 10000, as is transformers'
         "rope_parameters": {"rope_type": "default", "rope_theta": _f32(meta(f"{arch}.rope.freq_base", 10000.0))},
-        "max_position_embeddings": int(meta(f"{arch}.context_length")),
+        "max_position_embeddings": meta_int(f"{arch}.context_length"),
         # llama.cpp writes output.weight only when the model does not reuse the embedding matrix
         "tie_word_embeddings": "output.weight" not in by_gguf,
         "bos_token_id": token_id("bos_token_id"),

@@ -44,6 +44,9 @@ def _rope_from_hf(tc) -> RopeConfig:
         raise QCacheError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
         raise QCacheError("partial_rotary_factor != 1 is not supported")
+    if rope_type != "llama3":  # the scaling fields mean nothing to the other kinds: keep the defaults
+        return RopeConfig(theta=float(theta if theta is not None else 10000.0), rope_type=rope_type,
+                          factor=float(params.get("factor", 1.0)))
     return RopeConfig(
         theta=float(theta if theta is not None else 10000.0),
         rope_type=rope_type,

@@ -32,7 +32,7 @@ SCHEDULE_FILE = "schedule.json"
 def check_mode(mode: str) -> str:
     """``mode`` if it is a lazy attention mode, else a QCacheError naming the bad value."""
     if mode not in MODES:
-        raise QCacheError(f"unknown lazy mode {mode!r}; expected one of {', '.join(MODES)}")
+        raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     return mode
 
 

@@ -377,19 +377,28 @@ class Engine:
             logits=None if out.kept is None else [np.asarray(out.kept[i, : counts[i]]) for i in range(n)],
         )
 
-    def stream(self, prompts, pixel_values, plan: Plan, sampling: Sampling, max_new_tokens: int):
+    def stream(self, prompts, pixel_values, plan: Plan, sampling: Sampling, max_new_tokens: int, stats: dict | None = None):
         """Yield each step's tokens as a list (None for rows already finished), step by step.
 
         A Python loop over one jitted decode step: slower than :meth:`generate`'s
         ``lax.while_loop``, but tokens arrive as they are made (the CLI's ``--stream``).
+        ``stats``, when given, receives ``compile_seconds``, ``prefill_seconds``,
+        ``kv_cache_bytes``, ``dense_kv_cache_bytes`` and ``schedule`` before the first token.
         """
+        compile_s = self.compile(plan)
         batch = self.prepare(prompts, pixel_values, plan)
         key = (plan, "stream")
         if key not in self._compiled:
             step = functools.partial(_stream_step, self.graphdef, plan)
             self._compiled[key] = jax.jit(step, donate_argnums=(1,))
         step_fn = self._compiled[key]
+        t0 = time.perf_counter()
         state, logits = self.prefill(plan, batch)
+        logits.block_until_ready()
+        if stats is not None:
+            kv, dense = self.kv_bytes(plan)
+            stats.update(compile_seconds=compile_s, prefill_seconds=time.perf_counter() - t0, kv_cache_bytes=kv,
+                         dense_kv_cache_bytes=dense, schedule=plan.schedule)
         done, rng = ~batch.active, sampling.key
         for step in range(max_new_tokens):
             state, logits, rng, tok, new_done = step_fn(self.params, state, logits, rng, jnp.int32(step), sampling, done)

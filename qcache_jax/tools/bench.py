@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
-from .errors import QCacheError
+from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..errors import QCacheError
 
 # Vicuna-7B / LLaVA-1.5-7B: token ids as in llava-hf/llava-1.5-7b-hf.
 _LLAVA_VOCAB = 32064
@@ -85,8 +85,8 @@ def random_model(cfg: LlavaConfig, seed: int = 0):
     """A :class:`QCacheModel` with random parameters (normal, std 0.02; norms 1) for ``cfg``."""
     from flax import nnx
 
-    from .api import QCacheModel
-    from .model import Llava
+    from ..api import QCacheModel
+    from ..nn.llava import Llava
 
     @jax.jit
     def build(key):
@@ -261,7 +261,7 @@ def measure_many(
 def kv_bytes_per_row(cfg: LlavaConfig, *, image_tokens: int, text_tokens: int, lazy, mode: str, dtype=None) -> tuple[int, int]:
     """(KV bytes, dense KV bytes) of one cache row, from the real cache array shapes
     (``init_state`` under ``jax.eval_shape``; nothing is allocated)."""
-    from .cache import CacheLayout, init_state
+    from ..lazy.cache import CacheLayout, init_state
 
     dtype = jnp.dtype(dtype or cfg.dtype)
     layout = CacheLayout(batch=1, image_len=image_tokens, text_len=text_tokens, schedule=tuple(lazy), mode=mode)
@@ -278,7 +278,7 @@ def max_batch(cfg: LlavaConfig, budget_bytes: int, *, image_tokens: int, text_to
     largest power of two <= rows (the engine allocates the cache for a power-of-two batch
     bucket). Activations/workspace are not counted (small next to the cache at decode).
     """
-    from .convert import abstract_params
+    from ..nn.llava import abstract_model as abstract_params
 
     dtype = jnp.dtype(dtype or cfg.dtype)
     _, abstract = abstract_params(cfg)
@@ -389,7 +389,7 @@ class DecodeBench:
         if state not in ("prefill", "synthetic"):
             raise ValueError(f"state must be 'prefill' or 'synthetic', got {state!r}")
         self.state_kind = state
-        from .cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
+        from ..lazy.cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
 
         self.model, self.batch, self.new_tokens = model, batch, new_tokens
         self.schedule = model.resolve_lazy(lazy)
@@ -454,8 +454,8 @@ class DecodeBench:
     def _synthetic(self, engine, plan, prompt, image_tokens):
         import functools
 
-        from . import engine as engine_mod
-        from .cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
+        from ..runtime import engine as engine_mod
+        from ..lazy.cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
 
         model, b = self.model, plan.layout.batch
         n_img, n_txt = image_tokens, len(prompt) - image_tokens
@@ -553,7 +553,7 @@ def compare_decode(benches: dict, rounds: int = 5, baseline: str | None = None, 
 def image_capacity(cfg: LlavaConfig, image_tokens: int) -> int:
     """The visual-segment capacity the engine allocates for ``image_tokens`` per row (the image
     count is bucketed to a power of two)."""
-    from .engine import bucket
+    from ..runtime.engine import bucket
 
     n = image_tokens // cfg.image_tokens_per_image
     return (bucket(n, 1) if n else 0) * cfg.image_tokens_per_image
@@ -562,6 +562,6 @@ def image_capacity(cfg: LlavaConfig, image_tokens: int) -> int:
 def bucket_text(prompt_tokens: int, new_tokens: int) -> int:
     """The text-segment capacity the engine allocates for :func:`make_inputs` prompts (BOS +
     ``prompt_tokens``) and ``new_tokens``."""
-    from .engine import bucket
+    from ..runtime.engine import bucket
 
     return bucket(1 + prompt_tokens) + bucket(new_tokens)

@@ -40,9 +40,6 @@ import dataclasses
 import datetime
 import functools
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -51,16 +48,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .attention import attend
-from .cache import CacheLayout, dense_kv_cache_bytes, init_state, kv_cache_bytes
-from .engine import bucket
-from .errors import QCacheError
-from .images import check_image
+from .._files import write_atomic
+from ..errors import QCacheError
+from ..images import check_image
+from ..lazy.cache import CacheLayout, layout_kv_bytes
+from ..lazy.schedule import MODES, SCHEDULE_FILE, Schedule, check_mode
+from ..runtime.engine import bucket
+from ..runtime.forward import attention_probe
 from .jsonl import json_lines, read_text
-from .kernels import reference_attention
-from .layers import scan_layers
-from .lazy_attention import MODES
-from .schedule import SCHEDULE_FILE, anchors, describe, validate
 
 ROWS = ("last", "text")
 PROMPTS_FILE = "prompts.txt"
@@ -141,28 +136,6 @@ def js_divergence(p, q, axis: int = -1):
     return 0.5 * (rel(p, m).sum(axis) + rel(q, m).sum(axis))
 
 
-def attention_rows(model, input_ids, pixel_values, valid, rows):
-    """Dense forward that also returns every layer's attention probabilities of the query rows
-    ``rows`` [R]: [L, B, Hq, R, T] float32. Only those R rows of softmax(q K^T) are computed."""
-    b, t = input_ids.shape
-    h = model.embed(input_ids, pixel_values)
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cos, sin = model.rope(positions)
-
-    # model.forward's dense layer step, keeping q and k for the rows' probabilities: the layer
-    # output goes through the flash path (`attend`, no probabilities); the R selected rows go
-    # through the plain reference, which returns them at O(R * T) cost.
-    def body(layer, h, _):
-        x = layer.attn_input(h)
-        q, k, v = layer.queries(x, cos, sin), layer.keys(x, cos, sin), layer.values(x)
-        out = attend(q, k, v, positions, positions, valid)
-        *_, probs = reference_attention(q[:, rows], k, v, positions[:, rows], positions, valid, return_probs=True)
-        return layer.output(h, out), probs
-
-    _, probs = scan_layers(model.language_model.layers, body, h)
-    return probs
-
-
 def _row_mean(x, weight):
     """Weighted mean over the row axis (axis 1) of x [L, R, ...]."""
     return jnp.einsum("r,lr...->l...", weight, x) / jnp.maximum(weight.sum(), 1.0)
@@ -186,7 +159,7 @@ def _pairwise(p, weight):
 def _sample_divergences(graphdef, params, input_ids, pixel_values, valid, rows, weight):
     """{"gla": whole rows, "vla": image part renormalised} -> pairwise JSD for one sample (B=1)."""
     model = nnx.merge(graphdef, params)
-    probs = attention_rows(model, input_ids, pixel_values, valid, rows)[:, 0].transpose(0, 2, 1, 3)
+    probs = attention_probe(model, input_ids, pixel_values, valid, rows)[:, 0].transpose(0, 2, 1, 3)
     vis = input_ids[0] == model.cfg.image_token_id
     image = jnp.where(vis, probs, 0.0)
     mass = image.sum(-1, keepdims=True)
@@ -240,12 +213,6 @@ def adjacent_refs(num_layers: int) -> list[int | None]:
     return [None] + list(range(num_layers - 1))
 
 
-def would_be_anchors(schedule: Sequence[bool]) -> list[int | None]:
-    """For each layer l >= 1, the anchor it has (lazy) or would have if it were made lazy: the
-    nearest non-lazy layer below it. None for layer 0."""
-    return [None] + list(anchors(schedule)[:-1])
-
-
 def collect_divergences(
     model, samples: Sequence[Sample], *, rows: str = "last", progress: bool = True
 ) -> dict[str, Divergence]:
@@ -268,7 +235,7 @@ def collect_divergences(
 # -- schedule selection ----------------------------------------------------------------------
 
 
-def select_by_threshold(pairwise: np.ndarray, eps: float, keep_first: int = 1) -> tuple[bool, ...]:
+def select_by_threshold(pairwise: np.ndarray, eps: float, keep_first: int = 1, mode: str = "vla") -> Schedule:
     """Schedule from mean pairwise divergences [L, L]: a bottom-up pass where layer l is lazy iff its
     divergence to l-1 and to the current anchor are both below ``eps``."""
     n = pairwise.shape[0]
@@ -278,15 +245,16 @@ def select_by_threshold(pairwise: np.ndarray, eps: float, keep_first: int = 1) -
             lazy[l] = True
         else:
             anchor = l
-    return validate(lazy, n)
+    return Schedule(tuple(lazy), mode)
 
 
-def schedule_cost(pairwise: np.ndarray, schedule: Sequence[bool]) -> float:
+def schedule_cost(pairwise: np.ndarray, lazy: Sequence[bool]) -> float:
     """Sum over lazy layers of the divergence to their anchor (what the schedule gives up)."""
-    return float(sum(pairwise[l, a] for l, a in enumerate(anchors(schedule)) if schedule[l]))
+    s = Schedule(tuple(lazy))
+    return float(sum(pairwise[l, s.anchor(l)] for l in s.lazy_layers))
 
 
-def select_by_fraction(pairwise: np.ndarray, fraction: float, keep_first: int = 1) -> tuple[bool, ...]:
+def select_by_fraction(pairwise: np.ndarray, fraction: float, keep_first: int = 1, mode: str = "vla") -> Schedule:
     """Schedule with round(fraction * L) lazy layers, added greedily by least increase of
     :func:`schedule_cost` (ties: lowest layer)."""
     n = pairwise.shape[0]
@@ -304,28 +272,25 @@ def select_by_fraction(pairwise: np.ndarray, fraction: float, keep_first: int = 
             key=lambda l: (schedule_cost(pairwise, lazy[:l] + [True] + lazy[l + 1 :]), l),
         )
         lazy[best] = True
-    return validate(lazy, n)
+    return Schedule(tuple(lazy), mode)
 
 
 # -- result, outputs -------------------------------------------------------------------------
 
 
 def kv_saving(
-    schedule: Sequence[bool], mode: str, config, *, text_tokens: int = TEXT_TOKENS, new_tokens: int = NEW_TOKENS
+    schedule: Schedule, config, *, text_tokens: int = TEXT_TOKENS, new_tokens: int = NEW_TOKENS
 ) -> dict:
     """Fraction of the dense KV cache the schedule saves for one image plus ``text_tokens`` prompt
     and ``new_tokens`` generated tokens, from the real cache layout's array shapes (not allocated)."""
     image_tokens = config.image_tokens_per_image
-    layout = CacheLayout(
-        batch=1, image_len=image_tokens, text_len=text_tokens + new_tokens, schedule=tuple(schedule), mode=mode
-    )
-    shapes = jax.eval_shape(functools.partial(init_state, layout, config.text, config.dtype))
-    dense = dense_kv_cache_bytes(layout, config.text, config.dtype)
+    layout = CacheLayout(batch=1, image_len=image_tokens, text_len=text_tokens + new_tokens, schedule=schedule)
+    kv, dense = layout_kv_bytes(layout, config.text, config.dtype)
     return {
         "image_tokens": image_tokens,
         "text_tokens": text_tokens,
         "new_tokens": new_tokens,
-        "fraction": 1.0 - kv_cache_bytes(shapes) / dense,
+        "fraction": 1.0 - kv / dense,
     }
 
 
@@ -339,7 +304,7 @@ class CalibrationResult:
     """What :func:`calibrate` measured and chose.
 
     ``divergence``: {"gla": whole rows, "vla": image part} -> :class:`Divergence` (both are
-    measured; ``mode`` picks the one the schedule uses). ``schedule``: L booleans.
+    measured; ``mode`` picks the one the schedule uses). ``schedule``: the chosen :class:`Schedule`.
     ``kv_saving``: the prompt shape and the fraction of the dense KV cache saved.
     """
 
@@ -351,7 +316,7 @@ class CalibrationResult:
     threshold: float | None
     lazy_fraction: float | None
     divergence: dict
-    schedule: tuple
+    schedule: Schedule
     kv_saving: dict
     date: str
     schedule_path: Path | None = None
@@ -359,17 +324,17 @@ class CalibrationResult:
 
     @property
     def num_layers(self) -> int:
-        return len(self.schedule)
+        return self.schedule.num_layers
 
     @property
     def lazy_layers(self) -> list[int]:
-        return [i for i, f in enumerate(self.schedule) if f]
+        return self.schedule.lazy_layers
 
     def per_layer(self) -> dict:
         """Per-layer statistics (the schedule's mode), as lists of length L; None for layer 0."""
         div, n = self.divergence[self.mode], self.num_layers
         adj_mean, adj_std = div.versus(adjacent_refs(n))
-        refs = would_be_anchors(self.schedule)
+        refs = self.schedule.would_be_anchors()
         anc_mean, anc_std = div.versus(refs)
         heads = div.heads.mean(0)
         averaged = div.averaged.mean(0)
@@ -383,23 +348,27 @@ class CalibrationResult:
             "adjacent_jsd_head_averaged_rows_mean": [None] + [float(averaged[l, l - 1]) for l in range(1, n)],
         }
 
-    def to_json(self) -> dict:
-        """The schedule JSON (what ``--lazy auto`` reads: ``lazy_layers``, ``num_layers``, ``mode``)."""
+    def details(self) -> dict:
+        """What the schedule JSON records beside the schedule: the rule, the per-layer
+        divergences, the KV saving and where they come from."""
         rule = {"threshold": self.threshold} if self.threshold is not None else {"lazy_fraction": self.lazy_fraction}
         return {
-            "lazy_layers": self.lazy_layers,
-            "num_layers": self.num_layers,
-            "mode": self.mode,
-            **rule,
-            "keep_first": self.keep_first,
-            "rows": self.rows,
-            "divergence": DIVERGENCE_UNIT,
-            "per_layer": self.per_layer(),
-            "kv_saving": self.kv_saving,
-            "checkpoint": self.checkpoint,
-            "date": self.date,
-            "samples": self.samples,
+            "calibration": {
+                **rule,
+                "keep_first": self.keep_first,
+                "rows": self.rows,
+                "divergence": DIVERGENCE_UNIT,
+                "per_layer": self.per_layer(),
+                "kv_saving": self.kv_saving,
+                "checkpoint": self.checkpoint,
+                "date": self.date,
+                "samples": self.samples,
+            }
         }
+
+    def to_json(self) -> dict:
+        """The schedule JSON (what ``--lazy auto`` reads), in :meth:`Schedule.to_json`'s format."""
+        return self.schedule.to_json(**self.details())
 
 
 def format_table(result: CalibrationResult) -> str:
@@ -412,7 +381,7 @@ def format_table(result: CalibrationResult) -> str:
             continue
         adj = f"{stats['adjacent_jsd_mean'][l]:.2e} ± {stats['adjacent_jsd_std'][l]:.2e}"
         anc = f"{stats['anchor_jsd_mean'][l]:.2e} ± {stats['anchor_jsd_std'][l]:.2e}"
-        lines.append(f"{l:>5}  {adj:>21}  {stats['anchor'][l]:>6}  {anc:>21}  {'yes' if result.schedule[l] else ''}")
+        lines.append(f"{l:>5}  {adj:>21}  {stats['anchor'][l]:>6}  {anc:>21}  {'yes' if result.schedule.lazy[l] else ''}")
     return "\n".join(lines)
 
 
@@ -420,21 +389,10 @@ def summary(result: CalibrationResult) -> str:
     """One line: the chosen lazy layers and the KV cache they save for the stated prompt shape."""
     kv = result.kv_saving
     return (
-        f"lazy layers ({result.mode}): {describe(result.schedule)} ({len(result.lazy_layers)}/{result.num_layers}); "
+        f"lazy layers {result.schedule.describe()} ({len(result.lazy_layers)}/{result.num_layers}); "
         f"KV cache saved for {kv['image_tokens']} image + {kv['text_tokens']} text + {kv['new_tokens']} new tokens: "
         f"{kv['fraction']:.1%}"
     )
-
-
-def _lazy_runs(schedule: Sequence[bool]) -> list[tuple[int, int]]:
-    """Maximal runs of lazy layers as (first, last)."""
-    runs: list[tuple[int, int]] = []
-    for l, flag in enumerate(schedule):
-        if flag and runs and runs[-1][1] == l - 1:
-            runs[-1] = (runs[-1][0], l)
-        elif flag:
-            runs.append((l, l))
-    return runs
 
 
 def _import_figure():
@@ -475,7 +433,7 @@ def render_plot(result: CalibrationResult) -> bytes:
         alpha=0.7,
         label="vs (would-be) anchor",
     )
-    for i, (first, last) in enumerate(_lazy_runs(result.schedule)):
+    for i, (first, last) in enumerate((ls[0], ls[-1]) for _, ls in result.schedule.blocks):
         ax.axvspan(first - 0.5, last + 0.5, color="tab:green", alpha=0.15, label="lazy layers" if i == 0 else None)
     if result.threshold is not None:
         ax.axhline(
@@ -485,7 +443,7 @@ def render_plot(result: CalibrationResult) -> bytes:
     rows = "last-token rows" if result.rows == "last" else "all text-token rows"
     ax.set_title(
         f"{Path(result.checkpoint).name}: {result.mode.upper()} ({part}), {rows}, {result.samples} samples\n"
-        f"lazy {describe(result.schedule)}; KV cache saved: {result.kv_saving['fraction']:.1%}",
+        f"lazy {result.schedule.describe()}; KV cache saved: {result.kv_saving['fraction']:.1%}",
         fontsize=10,
     )
     ax.set_xlabel("decoder layer")
@@ -496,24 +454,6 @@ def render_plot(result: CalibrationResult) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     return buf.getvalue()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` and rename it over ``path``: a reader
-    (``--lazy auto``) sees the old file or the new one, never half of one."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
-    except OSError as e:
-        raise QCacheError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 # -- the entry point -------------------------------------------------------------------------
@@ -528,8 +468,7 @@ def _check_options(threshold, lazy_fraction, keep_first, mode, rows, max_samples
         raise QCacheError(f"lazy fraction must be in [0, 1), got {lazy_fraction}")
     if keep_first < 0:
         raise QCacheError(f"keep_first must be >= 0, got {keep_first}")
-    if mode not in MODES:
-        raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    check_mode(mode)
     if rows not in ROWS:
         raise QCacheError(f"unknown rows {rows!r}; expected one of {', '.join(ROWS)}")
     if max_samples is not None and max_samples < 1:
@@ -560,7 +499,7 @@ def calibrate(
     ``lazy="auto"`` reads) and, when ``plot`` is a path, a PNG there. Nothing is written unless
     every step succeeded.
     """
-    from .api import QCacheModel, load
+    from ..api import QCacheModel, load
 
     _check_options(threshold, lazy_fraction, keep_first, mode, rows, max_samples)
     if threshold is None and lazy_fraction is None:
@@ -577,9 +516,9 @@ def calibrate(
     divergence = collect_divergences(model, samples, rows=rows, progress=progress)
     mean = divergence[mode].pairwise.mean(0)
     if threshold is not None:
-        schedule = select_by_threshold(mean, threshold, keep_first)
+        schedule = select_by_threshold(mean, threshold, keep_first, mode)
     else:
-        schedule = select_by_fraction(mean, lazy_fraction, keep_first)
+        schedule = select_by_fraction(mean, lazy_fraction, keep_first, mode)
     result = CalibrationResult(
         checkpoint=str(model.path.resolve()) if model.path is not None else "",
         samples=len(samples),
@@ -590,13 +529,13 @@ def calibrate(
         lazy_fraction=lazy_fraction,
         divergence=divergence,
         schedule=schedule,
-        kv_saving=kv_saving(schedule, mode, model.config),
+        kv_saving=kv_saving(schedule, model.config),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     if plot is not None:
         write_atomic(Path(plot), render_plot(result))
         result.plot_path = Path(plot)
     # The schedule last: it is what `--lazy auto` acts on, so it appears only once all else succeeded.
-    write_atomic(Path(out), (json.dumps(result.to_json(), indent=2) + "\n").encode())
+    schedule.write(Path(out), **result.details())
     result.schedule_path = Path(out)
     return result

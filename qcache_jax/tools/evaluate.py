@@ -19,11 +19,11 @@ import dataclasses
 import time
 from pathlib import Path
 
-from .errors import QCacheError
-from .images import check_image
+from ..errors import QCacheError
+from ..images import check_image
 from .jsonl import json_lines, read_text
-from .lazy_attention import MODES
-from .vqa_data import Example, normalize_answer
+from ..lazy.schedule import format_layers
+from .vqa import Example, normalize_answer
 
 FIELDS = ("image", "question", "answer")
 
@@ -71,7 +71,7 @@ def load_records(path) -> list[Record]:
 
 
 def load_examples(path) -> list[Example]:
-    """The file's lines as :class:`~qcache_jax.vqa_data.Example` objects (images opened), for training."""
+    """The file's lines as :class:`~qcache_jax.tools.vqa.Example` objects (images opened), for training."""
     from PIL import Image
 
     out = []
@@ -117,7 +117,7 @@ def evaluate(
     model,
     jsonl,
     lazy=None,
-    mode: str = "vla",
+    mode: str | None = None,
     *,
     batch_size: int = 32,
     max_new_tokens: int = 8,
@@ -125,17 +125,16 @@ def evaluate(
     progress: bool = False,
 ) -> EvalResult:
     """Exact-match accuracy of ``model`` (a :class:`~qcache_jax.api.QCacheModel` or a checkpoint
-    directory) on ``jsonl`` with the schedule ``lazy`` (any SPEC form; None = dense) in ``mode``.
+    directory) on ``jsonl`` with the schedule ``lazy`` (any SPEC form; None = dense) in ``mode``
+    (None: the mode a schedule file records, else ``vla``).
 
     Greedy, batched generation of at most ``max_new_tokens`` tokens per answer; every batch is
     padded to ``batch_size`` rows so one compiled executable serves the whole file.
     """
     from tqdm.auto import tqdm
 
-    from .api import QCacheModel, load
+    from ..api import QCacheModel, load
 
-    if mode not in MODES:
-        raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if batch_size < 1:
         raise QCacheError(f"batch size must be >= 1, got {batch_size}")
     records = load_records(jsonl)
@@ -145,7 +144,7 @@ def evaluate(
         model = load(model)
     if model.processor is None:
         raise QCacheError(f"{model.path}: checkpoint has no image processor; it cannot answer questions about images")
-    schedule = model.resolve_lazy(lazy)
+    schedule = model.resolve_lazy(lazy, mode)
     preds, kv, dense_kv, tokens, decode_s = [], 0, 0, 0, 0.0
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
@@ -155,7 +154,6 @@ def evaluate(
             [r.question for r in rows],
             [[str(r.image)] for r in rows],
             lazy=schedule,
-            mode=mode,
             max_new_tokens=max_new_tokens,
         )
         preds.extend(res.text[: len(chunk)])
@@ -177,8 +175,8 @@ def evaluate(
         yes_no_n=len(yn),
         yes_no_accuracy=(sum(yn) / len(yn)) if yn else None,
         per_kind={k: sum(v) / len(v) for k, v in sorted(kinds.items())},
-        lazy_layers=[i for i, f in enumerate(schedule) if f],
-        mode="dense" if not any(schedule) else mode,
+        lazy_layers=schedule.lazy_layers,
+        mode=schedule.label,
         kv_cache_bytes=kv,
         dense_kv_cache_bytes=dense_kv,
         decode_tokens_per_second=tokens / decode_s if decode_s > 0 else 0.0,
@@ -193,9 +191,9 @@ def evaluate(
 def format_result(res: EvalResult, label: str = "") -> str:
     yn = f", yes/no {res.yes_no_accuracy:.3f} ({res.yes_no_n})" if res.yes_no_accuracy is not None else ""
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in res.per_kind.items())
-    lazy = ",".join(map(str, res.lazy_layers)) or "none"
+    lazy = format_layers(res.lazy_layers) + f" ({res.mode})"
     return (
         f"{label}accuracy {res.accuracy:.4f} ({res.correct}/{res.n}){yn}"
         + (f" [{kinds}]" if kinds else "")
-        + f" | lazy layers {lazy} ({res.mode}) | KV cache saved {100 * res.kv_saved_fraction:.1f}% | {res.seconds:.1f} s"
+        + f" | lazy layers {lazy} | KV cache saved {100 * res.kv_saved_fraction:.1f}% | {res.seconds:.1f} s"
     )

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from .errors import QCacheError
+from ..errors import QCacheError
 
 
 def read_text(path: Path, expected: str) -> str:

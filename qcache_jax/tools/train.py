@@ -1,9 +1,7 @@
-"""Training in this project's Flax model with optax: the synthetic VQA demo and lazy-aware tuning.
+"""Training in this project's Flax model with optax: the training loop and lazy-aware tuning.
 
-* :func:`train_demo` builds a small LLaVA (CLIP tower + 8-layer Llama decoder), trains it from
-  scratch on :mod:`qcache_jax.vqa_data` and writes a checkpoint directory that
-  :func:`qcache_jax.load` reads (Orbax params, ``qcache_config.json``, the HF config, tokenizer,
-  processor and chat template files).
+* :func:`fit` trains a parameter pytree on a stream of batches (the demo models are trained
+  with it: :mod:`qcache_jax.demo`).
 * :func:`tune` continues training a checkpoint with a lazy schedule switched on (the full-sequence
   forward is differentiable; the schedule is a traced mask), with the task loss and optionally a
   KL distillation loss to the dense model's logits, and writes a new checkpoint whose
@@ -36,99 +34,27 @@ import numpy as np
 import optax
 from flax import nnx
 
-from . import vqa_data
-from .checkpoint import HF_CONFIG_FILE, atomic_output_dir, save_checkpoint
-from .config import LlavaConfig
-from .convert import abstract_params
-from .errors import QCacheError
-from .lazy_attention import MODES
-from .model import Llava, forward
-from .schedule import SCHEDULE_FILE, describe
+from .._files import atomic_output_dir
+from ..config import LlavaConfig
+from ..errors import QCacheError
+from ..io.checkpoint import HF_CONFIG_FILE, save_checkpoint, save_tokenizer_and_processor
+from ..lazy.attention import LazyAttention
+from ..lazy.schedule import SCHEDULE_FILE, Schedule, check_mode
+from ..nn.llava import Llava, abstract_model
+from ..runtime.forward import sequence_logits
+from .vqa import Example
 
 TRAIN_STATE_FILE = "train_config.json"
 
 
-# -- the demo model ----------------------------------------------------------------------------
-
-
-def demo_hf_config(
-    *,
-    vocab_size: int,
-    image_token_id: int,
-    hidden_size: int = 96,
-    intermediate_size: int = 256,
-    num_layers: int = 8,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    vision_hidden: int = 64,
-    vision_layers: int = 3,
-    vision_heads: int = 4,
-    image_size: int = vqa_data.IMAGE_SIZE,
-    patch_size: int = vqa_data.PATCH_SIZE,
-    max_position_embeddings: int = 256,
-):
-    """A ``transformers`` LlavaConfig (Llama decoder, CLIP tower) for the VQA demo model.
-
-    The last CLIP layer's features are used (``vision_feature_layer=-1``) so no tower layer is
-    dead weight. Token ids: <s> 1, </s> 2, <pad> 3 (see :mod:`qcache_jax.vqa_data`).
-    """
-    from transformers import AutoConfig, CLIPVisionConfig, LlavaConfig as HFLlavaConfig
-
-    text = AutoConfig.for_model(
-        "llama",
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        rms_norm_eps=1e-5,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-        hidden_act="quick_gelu",
-    )
-    return HFLlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=image_token_id,
-        image_seq_length=(image_size // patch_size) ** 2,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        tie_word_embeddings=False,
-    )
-
-
-def demo_model(**model_kwargs):
-    """(transformers config, our config, processor) of the VQA demo model; ``model_kwargs`` go
-    to :func:`demo_hf_config` (sizes; the processor follows ``image_size`` / ``patch_size``)."""
-    from .config import from_hf_config
-
-    processor = vqa_data.build_processor(
-        image_size=model_kwargs.get("image_size", vqa_data.IMAGE_SIZE), patch_size=model_kwargs.get("patch_size", vqa_data.PATCH_SIZE)
-    )
-    tok = processor.tokenizer
-    hf_cfg = demo_hf_config(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"), **model_kwargs)
-    return hf_cfg, from_hf_config(hf_cfg), processor
+# -- the model ------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=8)
 def graphdef_for(cfg: LlavaConfig):
     """The model's graphdef, one object per config: compiled train steps are cached per graphdef,
     and two graphdefs built separately never compare equal (they hold fresh activation closures)."""
-    return abstract_params(cfg)[0]
+    return abstract_model(cfg)[0]
 
 
 def init_params(cfg: LlavaConfig, seed: int = 0, *, scheme: str = "fan_in"):
@@ -150,9 +76,7 @@ def init_params(cfg: LlavaConfig, seed: int = 0, *, scheme: str = "fan_in"):
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
     out = []
     for (kp, x), key in zip(leaves, keys):
-        name = str(getattr(kp[-1], "key", kp[-1]))
-        stacked = any(str(getattr(k, "key", k)) == "layers" for k in kp)
-        shape = x.shape[1:] if stacked else x.shape
+        name, shape = str(getattr(kp[-1], "key", kp[-1])), x.shape
         if name == "kernel":
             std = 1.0 / np.sqrt(shape[0])
         elif name == "patch_embedding":
@@ -170,7 +94,7 @@ def init_params(cfg: LlavaConfig, seed: int = 0, *, scheme: str = "fan_in"):
 
 
 class Batcher:
-    """Turns :class:`~qcache_jax.vqa_data.Example` lists into fixed-shape training batches through
+    """Turns :class:`~qcache_jax.tools.vqa.Example` lists into fixed-shape training batches through
     the checkpoint's processor (chat template, image-token expansion, CLIP preprocessing), exactly
     as :meth:`QCacheModel.encode` prepares a prompt.
 
@@ -188,6 +112,7 @@ class Batcher:
         self._prompts: dict[str, list[int]] = {}
 
     def prompt_ids(self, question: str, image) -> list[int]:
+        """The prompt's token ids (the chat template with one image), cached per question."""
         if question not in self._prompts:
             text = self.processor.apply_chat_template(
                 [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
@@ -198,7 +123,7 @@ class Batcher:
             self._prompts[question] = enc["input_ids"][0].tolist()
         return self._prompts[question]
 
-    def __call__(self, exs: Sequence[vqa_data.Example]) -> dict:
+    def __call__(self, exs: Sequence[Example]) -> dict:
         b, t = len(exs), self.seq_len
         ids = np.full((b, t), self.pad, np.int32)
         mask = np.zeros((b, t), np.int32)
@@ -216,13 +141,7 @@ class Batcher:
         return {"input_ids": ids, "attention_mask": mask, "weights": weights, "pixel_values": pv.astype(np.float32)}
 
 
-def synthetic_stream(seed: int, batch_size: int, *, image_size: int = vqa_data.IMAGE_SIZE) -> Callable[[int], list]:
-    """Step -> the examples of that step's batch (train split of ``seed``, a pure function of the step)."""
-    stream_seed = seed * 100 + vqa_data.SPLITS["train"]
-    return lambda step: vqa_data.examples(stream_seed, step * batch_size, batch_size, image_size=image_size)
-
-
-def list_stream(exs: Sequence[vqa_data.Example], batch_size: int, seed: int = 0) -> Callable[[int], list]:
+def list_stream(exs: Sequence[Example], batch_size: int, seed: int = 0) -> Callable[[int], list]:
     """Step -> a batch cycling through ``exs`` in a per-epoch permutation (deterministic in the step)."""
     n = len(exs)
     if n == 0:
@@ -300,9 +219,13 @@ def make_steps(graphdef, tx: optax.GradientTransformation, *, mode: str, distill
     array or None (dense); ``teacher_params``: the frozen dense model (used when ``distill`` > 0).
     """
 
+    attn = LazyAttention(mode=mode)
+
     def logits_of(params, batch, lazy):
         model = nnx.merge(graphdef, params)
-        return forward(model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], lazy, mode=mode)
+        return sequence_logits(
+            model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], lazy, attn=attn, loop="scan"
+        )
 
     def loss_fn(params, batch, lazy, teacher_params):
         logits = logits_of(params, batch, lazy)
@@ -408,8 +331,7 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    if tc.mode not in MODES:
-        raise QCacheError(f"unknown mode {tc.mode!r}; expected one of {', '.join(MODES)}")
+    check_mode(tc.mode)
     if tc.steps < 1 or tc.batch_size < 1:
         raise QCacheError(f"need steps >= 1 and batch size >= 1 (got {tc.steps}, {tc.batch_size})")
     if tc.distill > 0 and teacher_params is None:
@@ -470,97 +392,57 @@ def fit(
 # -- writing checkpoints -----------------------------------------------------------------------
 
 
-def write_checkpoint(out: Path, cfg: LlavaConfig, params, processor, *, hf_config=None, schedule_json: dict | None = None, extra_files: dict | None = None, force: bool = False) -> Path:
+def write_checkpoint(out: Path, cfg: LlavaConfig, params, processor, *, hf_config=None, schedule: tuple | None = None, extra_files: dict | None = None, force: bool = False) -> Path:
     """A checkpoint directory (Orbax params, config, tokenizer/processor files, optional
-    schedule.json and HF config), written atomically."""
+    schedule.json and HF config), written atomically. ``schedule``: (Schedule, details dict)."""
     out = Path(out).absolute()
     params = jax.tree.map(lambda x: np.asarray(x), params)
     with atomic_output_dir(out, force=force) as tmp:
         save_checkpoint(tmp, cfg, params)
         if processor is not None:
-            vqa_data.save_tokenizer_and_processor(tmp, processor)
+            save_tokenizer_and_processor(tmp, processor)
         if hf_config is not None:
             (tmp / HF_CONFIG_FILE).write_text(hf_config.to_json_string())
-        if schedule_json is not None:
-            (tmp / SCHEDULE_FILE).write_text(json.dumps(schedule_json, indent=2) + "\n")
+        if schedule is not None:
+            schedule[0].write(tmp / SCHEDULE_FILE, **schedule[1])
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return out
 
 
-def _default_work_dir(out: Path) -> Path:
+def default_work_dir(out: Path) -> Path:
     out = Path(out).absolute()
     return out.parent / f".{out.name}.train"
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
+def prepare_out(out: Path, force: bool) -> Path:
     out = Path(out).expanduser().absolute()
     if out.exists() and not force:
         raise QCacheError(f"{out} already exists (use --force to overwrite)")
     return out
 
 
-# -- train-demo --------------------------------------------------------------------------------
-
-
-DEMO_VAL_EXAMPLES = 256
-
-
-def train_demo(
-    out,
-    *,
-    tc: TrainConfig | None = None,
-    model_kwargs: dict | None = None,
-    work_dir=None,
-    val_examples: int = DEMO_VAL_EXAMPLES,
-    init_seed: int = 0,
-    force: bool = False,
-    keep_work_dir: bool = False,
-    progress: bool = True,
-    log: Callable[[str], None] | None = print,
-    stop_after: int | None = None,
-) -> tuple[Path | None, dict]:
-    """Train the VQA demo model from scratch and write the checkpoint ``out``.
-
-    Returns (out, history); with ``stop_after`` (a simulated interruption) the run stops early,
-    writes nothing at ``out`` and returns (None, history). The work directory (default
-    ``.<out>.train`` beside ``out``) holds the Orbax training state until the checkpoint is
-    written; running the same command again after an interruption resumes from it.
-    """
-    tc = tc or TrainConfig()
-    out = _prepare_out(out, force)
-    work_dir = Path(work_dir).absolute() if work_dir else _default_work_dir(out)
-    kw = dict(model_kwargs or {})
-    hf_cfg, cfg, processor = demo_model(**kw)
-    graphdef = graphdef_for(cfg)
-    params = init_params(cfg, init_seed)
-    batcher = Batcher(processor)
-    size = cfg.vision.image_size
-    stream = synthetic_stream(tc.seed, tc.batch_size, image_size=size)
-    val = vqa_data.split("validation", val_examples, base_seed=tc.seed, image_size=size)
-    val_batches = [batcher(val[i : i + 64]) for i in range(0, len(val), 64)]
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    if log:
-        log(f"VQA demo model: {n_params / 1e6:.2f}M parameters, {cfg.text.num_layers} decoder layers; "
-            f"{tc.steps} steps of batch {tc.batch_size}")
-    meta = {"model": {"init_seed": init_seed, **kw}, "val_examples": val_examples}
-    params, history = fit(
-        graphdef, params, tc, lambda s: batcher(stream(s)), work_dir=work_dir, val_batches=val_batches,
-        progress=progress, stop_after=stop_after, log=log, meta=meta,
-    )
-    if history["end_step"] < tc.steps:
-        return None, history
-    final_val = history["val"][-1][1] if history["val"] else float("nan")
-    info = {"kind": "vqa-demo", "train": tc.to_json(), "model": meta["model"], "validation_accuracy": final_val,
-            "train_seconds_this_run": history["seconds"], "steps_this_run": tc.steps - history["start_step"]}
-    write_checkpoint(out, cfg, params, processor, hf_config=hf_cfg, force=force,
-                     extra_files={"training.json": json.dumps(info, indent=2) + "\n"})
-    if not keep_work_dir:
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return out, history
-
-
 # -- lazy-aware tuning -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleSource:
+    """Training data for :func:`tune`: ``at(step)`` -> that step's examples (a pure function of
+    the step, so a resumed run sees the same batches), held-out ``validation`` examples and a
+    ``name`` recorded with the result."""
+
+    at: Callable[[int], list]
+    validation: list
+    name: str
+
+
+def jsonl_source(path, batch_size: int, *, seed: int = 0, val_examples: int = 256) -> ExampleSource:
+    """An :class:`ExampleSource` cycling through a ``{"image", "question", "answer"}`` JSONL file
+    (the first ``val_examples`` lines also serve as validation)."""
+    from .evaluate import load_examples
+
+    exs = load_examples(path)
+    return ExampleSource(list_stream(exs, batch_size, seed), exs[:val_examples], str(Path(path).absolute()))
 
 
 def tune(
@@ -568,15 +450,14 @@ def tune(
     out,
     *,
     lazy,
-    mode: str = "vla",
+    data,
+    mode: str | None = None,
     steps: int = 200,
     batch_size: int = 32,
     learning_rate: float = 5e-4,
     warmup_steps: int = 30,
     distill: float = 1.0,
     seed: int = 0,
-    data=None,
-    val_examples: int = DEMO_VAL_EXAMPLES,
     work_dir=None,
     force: bool = False,
     keep_work_dir: bool = False,
@@ -584,72 +465,59 @@ def tune(
     log: Callable[[str], None] | None = print,
     stop_after: int | None = None,
 ) -> tuple[Path | None, dict]:
-    """Lazy-aware fine-tuning: continue training ``ckpt`` with the schedule ``lazy`` in ``mode``.
+    """Lazy-aware fine-tuning: continue training ``ckpt`` with the schedule ``lazy`` in ``mode``
+    (None: the mode a schedule file records, else ``vla``).
 
     Loss: the answer tokens' cross-entropy plus ``distill`` x KL(dense teacher || lazy student)
     on the same positions (the teacher is ``ckpt`` itself, run dense). ``data``: a JSONL file of
-    ``{"image", "question", "answer"}`` (see :mod:`qcache_jax.evaluate`), or None for the
-    synthetic VQA train stream (the checkpoint must know its words). Writes ``out``: the tuned
-    parameters, the config, tokenizer/processor files and ``schedule.json`` with the schedule,
-    the mode and the tuning settings (``lazy="auto"`` reads it).
+    ``{"image", "question", "answer"}`` (see :mod:`qcache_jax.tools.evaluate`) or an
+    :class:`ExampleSource`. Writes ``out``: the tuned parameters, the config, tokenizer /
+    processor files and ``schedule.json`` with the schedule, the mode and the tuning settings
+    (``lazy="auto"`` reads it).
     """
-    from .api import load
-    from .evaluate import load_examples
+    from ..api import load
 
     model = load(ckpt)
-    schedule = model.resolve_lazy(lazy)
-    if not any(schedule):
+    schedule = model.resolve_lazy(lazy, mode)
+    if schedule.is_dense:
         raise QCacheError("tune needs a lazy schedule with at least one lazy layer (e.g. --lazy 2-3,5-7)")
-    if mode not in MODES:
-        raise QCacheError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     if model.processor is None:
         raise QCacheError(f"{ckpt}: checkpoint has no processor (tokenizer + image processor); cannot build batches")
-    out = _prepare_out(out, force)
-    work_dir = Path(work_dir).absolute() if work_dir else _default_work_dir(out)
+    out = prepare_out(out, force)
+    work_dir = Path(work_dir).absolute() if work_dir else default_work_dir(out)
+    source = data if isinstance(data, ExampleSource) else jsonl_source(data, batch_size, seed=seed)
     tc = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
-                     seed=seed, lazy=tuple(schedule), mode=mode, distill=distill, eval_every=max(1, min(100, steps)))
-    size = model.config.vision.image_size
+                     seed=seed, lazy=schedule.lazy, mode=schedule.mode, distill=distill,
+                     eval_every=max(1, min(100, steps)))
     seq_len = 32
-    if data is None:
-        stream = synthetic_stream(seed, batch_size, image_size=size)
-        val = vqa_data.split("validation", val_examples, base_seed=seed, image_size=size)
-    else:
-        exs = load_examples(data)
-        stream = list_stream(exs, batch_size, seed)
-        val = exs[:val_examples]
     batcher = Batcher(model.processor, seq_len=seq_len)
+    val = source.validation
     probe = [batcher.prompt_ids(e.question, e.image) for e in val[:1]]
     if probe and len(probe[0]) + 8 > seq_len:
         batcher.seq_len = seq_len = int(2 ** np.ceil(np.log2(len(probe[0]) + 8)))
     val_batches = [batcher(val[i : i + 64]) for i in range(0, len(val), 64)]
-    meta = {"checkpoint": str(Path(ckpt).absolute()), "data": None if data is None else str(Path(data).absolute())}
+    meta = {"checkpoint": str(Path(ckpt).absolute()), "data": source.name}
     teacher = model.params if distill > 0 else None
     params, history = fit(
-        model.graphdef, model.params, tc, lambda s: batcher(stream(s)), work_dir=work_dir, val_batches=val_batches,
+        model.graphdef, model.params, tc, lambda s: batcher(source.at(s)), work_dir=work_dir, val_batches=val_batches,
         teacher_params=teacher, progress=progress, stop_after=stop_after, log=log, meta=meta,
     )
     if history["end_step"] < tc.steps:
         return None, history
     final_val = history["val"][-1][1] if history["val"] else float("nan")
-    schedule_json = {
-        "lazy_layers": [i for i, f in enumerate(schedule) if f],
-        "num_layers": len(schedule),
-        "mode": mode,
-        "tuned": {
-            "from": str(ckpt),
-            "schedule": describe(tuple(schedule)),
-            "mode": mode,
-            "steps": steps,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "distill": distill,
-            "data": "synthetic-vqa" if data is None else str(data),
-            "validation_accuracy": final_val,
-        },
+    tuned = {
+        "from": str(ckpt),
+        "steps": steps,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "distill": distill,
+        "data": source.name,
+        "validation_accuracy": final_val,
     }
     hf_cfg_path = Path(ckpt) / HF_CONFIG_FILE
     extra = {HF_CONFIG_FILE: hf_cfg_path.read_text()} if hf_cfg_path.is_file() else {}
-    write_checkpoint(out, model.config, params, model.processor, schedule_json=schedule_json, force=force, extra_files=extra)
+    write_checkpoint(out, model.config, params, model.processor, schedule=(schedule, {"tuned": tuned}), force=force,
+                     extra_files=extra)
     if not keep_work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     return out, history

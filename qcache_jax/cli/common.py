@@ -1,0 +1,60 @@
+"""Options and helpers shared by the ``qcache`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import QCacheError
+from ..lazy.schedule import MODES
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default and keeps the description's line breaks."""
+
+
+def add_parser(subparsers, name: str, *, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    return subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+
+
+def positive(name: str, value, minimum: int = 1) -> None:
+    """QCacheError naming the option when ``value`` is set and below ``minimum``."""
+    if value is not None and value < minimum:
+        raise QCacheError(f"{name} must be >= {minimum}, got {value}")
+
+
+def add_lazy_options(p: argparse.ArgumentParser, *, default: str = "none") -> None:
+    p.add_argument("--lazy", default=default, metavar="SPEC",
+                   help="none | auto (the checkpoint's schedule.json) | layer ranges like 3-7,10 | a schedule JSON path")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="lazy mode; default: the mode the schedule file records, else vla")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress messages or bars on stderr")
+
+
+def progress(args) -> bool:
+    return not getattr(args, "quiet", False)
+
+
+def log_for(args):
+    """A progress logger printing to stderr, or None with ``--quiet``."""
+    if not progress(args):
+        return None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+def load_model(args):
+    """The checkpoint ``args.ckpt``, loaded with progress messages unless ``--quiet``."""
+    from ..api import load
+
+    return load(args.ckpt, log=log_for(args))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
