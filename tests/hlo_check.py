@@ -11,8 +11,9 @@ MOVES = ("copy", "transpose", "convert", "slice", "dynamic-slice", "concatenate"
 
 
 def large_moves(hlo_text: str, min_elements: int, opcodes=MOVES) -> list[str]:
-    """Instructions with an opcode in ``opcodes`` (also inside fusions) whose result or an
-    operand has >= ``min_elements`` elements."""
+    """Instructions with an opcode in ``opcodes`` (also inside fusions) that move at least
+    ``min_elements`` elements: by their result, or (copy / transpose / convert, which move all
+    of it) by an operand. Reading one row out of a large buffer (a small slice) is no copy."""
     sizes, found = {}, []
     for line in hlo_text.splitlines():
         m = _INSTR.match(line)
@@ -23,6 +24,7 @@ def large_moves(hlo_text: str, min_elements: int, opcodes=MOVES) -> list[str]:
         sizes[name] = n
         if opcode.startswith("copy") or opcode in opcodes:
             operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-            if max([n] + [sizes.get(o, 0) for o in operands]) >= min_elements:
+            whole = opcode.startswith("copy") or opcode in ("transpose", "convert")
+            if max([n] + [sizes.get(o, 0) for o in operands if whole]) >= min_elements:
                 found.append(line.strip()[:200])
     return found

@@ -38,14 +38,16 @@ def _decode_hlo(model, lazy, mode, batch=2):
     opts = GenerateOptions(lazy=lazy, mode=mode, max_new_tokens=16)
     engine, plan = model.plan(prompts, [1] * batch, opts)
     layout = plan.layout
-    segment = batch * CFG.text.num_kv_heads * min(layout.image_len, layout.text_len) * CFG.text.head_dim
-    smallest_weight = min(int(np.prod(x.shape)) for x in jax.tree.leaves(model.params) if x.ndim == 2)
+    segment = layout.batch * CFG.text.num_kv_heads * min(layout.image_len, layout.text_len) * CFG.text.head_dim
+    decoder = model.params["language_model"]["layers"]
+    smallest_weight = min(int(np.prod(x.shape)) for x in jax.tree.leaves(decoder) if x.ndim == 2)
     return engine.decode_executable(plan).as_text(), min(segment, smallest_weight), plan
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("lazy,mode", [(None, "vla"), ("1-3", "gla"), ("2-3", "gla"), ("1-3", "vla")])
-def test_decode_loop_has_no_weight_or_cache_copies(model, lazy, mode):
-    hlo, threshold, plan = _decode_hlo(model, lazy, mode)
+def test_decode_loop_has_no_weight_or_cache_copies(model, lazy, mode, batch):
+    hlo, threshold, plan = _decode_hlo(model, lazy, mode, batch)
     # The biggest activation of a decode step is far below the threshold, so anything found is
     # a weight or a cache being moved.
     assert CFG.text.intermediate_size * plan.layout.batch < threshold

@@ -25,6 +25,10 @@ from ..nn.llava import abstract_model
 
 CONFIG_FILE = "qcache_config.json"
 PARAMS_DIR = "params"
+# The size of every file under params/, written after saving: a truncated or missing file is
+# then reported before Orbax reads anything (a failed Orbax read also leaves its other reads in
+# flight, whose callbacks print "Event loop is closed" tracebacks at random).
+PARAMS_MANIFEST = "params_files.json"
 HF_CONFIG_FILE = "hf_config.json"
 SIDE_FILES = (
     "tokenizer.json",
@@ -62,7 +66,29 @@ def save_checkpoint(directory: Path, cfg: LlavaConfig, params) -> None:
     with _checkpointer() as ckptr:
         ckptr.save(directory / PARAMS_DIR, params)
         ckptr.wait_until_finished()
+    root = directory / PARAMS_DIR
+    sizes = {str(p.relative_to(root)): p.stat().st_size for p in sorted(root.rglob("*")) if p.is_file()}
+    (directory / PARAMS_MANIFEST).write_text(json.dumps(sizes, indent=1, sort_keys=True) + "\n")
     (directory / CONFIG_FILE).write_text(cfg.to_json())
+
+
+def check_params_files(directory: Path) -> None:
+    """QCacheError naming the first file under params/ that is missing or has another size than
+    when it was saved (checkpoints without a manifest are not checked)."""
+    manifest = Path(directory) / PARAMS_MANIFEST
+    if not manifest.is_file():
+        return
+    try:
+        sizes = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise QCacheError(f"{manifest}: corrupted (not JSON)") from None
+    root = Path(directory) / PARAMS_DIR
+    for name, size in sizes.items():
+        path = root / name
+        if not path.is_file():
+            raise QCacheError(f"{path}: missing (the checkpoint is incomplete)")
+        if path.stat().st_size != size:
+            raise QCacheError(f"{path}: {path.stat().st_size} bytes, saved with {size} (truncated or damaged file)")
 
 
 def copy_hf_side_files(src: Path, dst: Path) -> None:
@@ -105,6 +131,7 @@ def load_params(directory: Path, cfg: LlavaConfig):
     _, abstract = abstract_model(cfg)
     if not (directory / PARAMS_DIR).is_dir():
         raise QCacheError(f"{directory}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
+    check_params_files(directory)
     try:
         with _checkpointer() as ckptr:
             params = ckptr.restore(directory / PARAMS_DIR, abstract)

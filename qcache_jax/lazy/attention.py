@@ -50,7 +50,8 @@ class SequencePass:
     ``cos``/``sin`` [B, T, D]; ``positions``, ``valid`` (key padding) and ``vis`` (image
     positions) [B, T]. ``probe_rows`` [R]: also return every layer's attention probabilities of
     those query rows (calibration). Prefill also gives ``img_idx`` [B, S_img] / ``txt_idx``
-    [B, T_txt]: the prompt positions of each row's image / text tokens, in order.
+    [B, T_txt]: the prompt positions of each row's image / text tokens, in order, and
+    ``text_len``, the text segment's capacity: each layer then returns its new cache segments.
     """
 
     cos: jax.Array
@@ -61,6 +62,11 @@ class SequencePass:
     probe_rows: jax.Array | None = None
     img_idx: jax.Array | None = None
     txt_idx: jax.Array | None = None
+    text_len: int = 0
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.img_idx is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +85,21 @@ def _gather(x, idx):
 
 
 def _write(cache, slot, value):
-    """cache[b, :, slot[b]] = value[b, :, 0]; an out-of-range slot (full cache) writes nothing."""
-    rows = jnp.arange(cache.shape[0])
-    return cache.at[rows, :, slot].set(value[:, :, 0].astype(cache.dtype), mode="drop")
+    """cache[b, :, slot[b]] = value[b, :, 0] for every row, in place.
+
+    One ``dynamic_update_slice`` per row (the batch is static and small): XLA updates the
+    donated buffer in place. A scatter would be lowered with an in-bounds guard, a ``select``
+    between the old and the updated segment, for which XLA copies the whole segment every
+    step. ``dynamic_update_slice`` clamps the index, so a full row (slot past the end) writes
+    its last slot: such a row has finished (the engine stops a row when its cache is full) and
+    the value is never read.
+    """
+    value = value.astype(cache.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    for b in range(cache.shape[0]):
+        at = (jnp.int32(b), zero, slot[b].astype(jnp.int32), zero)
+        cache = jax.lax.dynamic_update_slice(cache, value[b : b + 1], at)
+    return cache
 
 
 def _select(is_lazy, lazy_fn, anchor_fn, operand):
@@ -113,9 +131,9 @@ class LazyAttention:
     def __call__(self, layer, x, qc, is_lazy, ctx, cache=None, *, stores=(True, True), hands_probs=False):
         """(attention output [B, Hq, T, D], next QCache, new LayerCache or None, probe or None).
 
-        ``stores`` (prefill): which key segments this layer writes (:meth:`Schedule.stores_k`;
-        a scanned loop writes both and the stack drops the unstored ones afterwards). In decode
-        a layer's missing key arrays are None and stay None. ``hands_probs``: a GLA anchor with a lazy
+        ``cache``: the layer's segments in decode (a missing key array is None and stays None).
+        ``stores`` (prefill): which key segments this layer creates (:meth:`Schedule.stores_k`;
+        a scanned loop creates both and the stack drops the unstored ones afterwards). ``hands_probs``: a GLA anchor with a lazy
         block after it returns its decode probabilities in the carry.
         """
         if isinstance(ctx, DecodePass):
@@ -148,19 +166,19 @@ class LazyAttention:
                 q[:, :, rows], k, v, ctx.positions[:, rows], ctx.positions, ctx.valid, return_probs=True
             )
         new = None
-        if cache is not None:
+        if ctx.is_prefill:
             # A VLA lazy layer's k equals its own keys at text positions (the anchor's at image
             # positions, which it does not store).
-            t = ctx.txt_idx.shape[1]
-
-            def text(seg, full):
-                return seg.at[:, :, :t].set(_gather(full, ctx.txt_idx).astype(seg.dtype))
+            def text(full):
+                b, h, _, d = full.shape
+                seg = jnp.zeros((b, h, ctx.text_len, d), full.dtype)
+                return seg.at[:, :, : ctx.txt_idx.shape[1]].set(_gather(full, ctx.txt_idx))
 
             new = LayerCache(
-                k_img=_gather(k, ctx.img_idx).astype(cache.v_img.dtype) if stores[0] else None,
-                k_txt=text(cache.k_txt, k) if stores[1] else None,
-                v_img=_gather(v, ctx.img_idx).astype(cache.v_img.dtype),
-                v_txt=text(cache.v_txt, v),
+                k_img=_gather(k, ctx.img_idx) if stores[0] else None,
+                k_txt=text(k) if stores[1] else None,
+                v_img=_gather(v, ctx.img_idx),
+                v_txt=text(v),
             )
         return out, qc, new, probe
 

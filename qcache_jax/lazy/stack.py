@@ -86,7 +86,8 @@ def run_layers(
 
     ``lazy``: a :class:`Schedule` (its mode must be ``attn.mode``), or a traced boolean array
     [L] (only for passes without caches: the cache's structure needs a static schedule).
-    ``caches``: the layers' cache segments for prefill / decode, laid out for the schedule.
+    ``caches``: the layers' cache segments in decode, laid out for the schedule; a prefill
+    pass creates them (and returns them in either case).
     ``cfg``: the :class:`~qcache_jax.config.TextConfig`. Both ``loop`` values compute the same
     numbers.
     """
@@ -95,7 +96,8 @@ def run_layers(
     static = isinstance(lazy, Schedule)
     if static and not lazy.is_dense and lazy.mode != attn.mode:
         raise ValueError(f"schedule mode {lazy.mode!r} differs from the attention's {attn.mode!r}")
-    if caches is not None and not static:
+    makes_caches = caches is not None or (isinstance(ctx, SequencePass) and ctx.is_prefill)
+    if makes_caches and not static:
         raise ValueError("a pass with caches needs a static Schedule (it fixes which key arrays exist)")
     stores = [lazy.stores_k(i) for i in range(n)] if static else [(True, True)] * n
 
@@ -120,7 +122,6 @@ def run_layers(
     if loop == "unroll":
         xs = [(flags[i], None if caches is None else caches[i], stores[i], hands[i]) for i in range(n)]
         (h, _), ys = layer_loop(layers, body, (h, qc0), xs, loop="unroll")
-        new_caches = None if caches is None else tuple(_keep_stored(y[0], stores[i]) for i, y in enumerate(ys))
     else:
         uniform = None if caches is None else [_uniform(c) for c in caches]
 
@@ -130,6 +131,6 @@ def run_layers(
 
         xs = [(flags[i], None if uniform is None else uniform[i]) for i in range(n)]
         (h, _), ys = layer_loop(layers, scan_body, (h, qc0), xs, loop="scan")
-        new_caches = None if caches is None else tuple(_keep_stored(y[0], stores[i]) for i, y in enumerate(ys))
+    new_caches = tuple(_keep_stored(y[0], stores[i]) for i, y in enumerate(ys)) if makes_caches else None
     probes = [y[1] for y in ys] if ys and ys[0][1] is not None else None
     return StackOutput(h=h, caches=new_caches, probes=probes)

@@ -5,7 +5,8 @@ Decode runs a ``lax.while_loop`` inside one jitted call: sample, stop per row on
 at trace time and every layer reads its own weight and cache arrays in place (no per-step
 slice or transpose copies; tests/test_hlo.py checks the optimized HLO). Shapes are bucketed
 (:func:`bucket`) and compiled executables are kept per plan, so a new prompt of a known bucket
-never recompiles; the decoding state is donated and reused.
+never recompiles; prefill creates the decoding state and the decode loop updates it in place
+(donated).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from flax import nnx
 
 from ..errors import QCacheError
 from ..lazy.attention import LazyAttention
-from ..lazy.cache import CacheLayout, DecodingState, init_state, layout_kv_bytes
+from ..lazy.cache import CacheLayout, DecodingState, layout_kv_bytes
 from ..lazy.schedule import Schedule
 from . import forward
 from .sampling import sample
@@ -43,8 +44,20 @@ def bucket(n: int, minimum: int = 16) -> int:
 
 
 def pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 1) (batch and image-count buckets)."""
+    """Smallest power of two >= max(n, 1) (image-count buckets)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+def batch_bucket(n: int) -> int:
+    """Rows allocated for ``n`` prompts: a power of two from 2 up to 8, then a multiple of 8 (a
+    large batch wastes at most 7 rows of KV cache).
+
+    Never 1: with a batch of one, XLA CPU removes the size-1 batch dimension from the attention's
+    dot, fuses the cache write into that bitcast as a second copy of the write, and then copies
+    every written cache segment several times per decode step (tests/test_hlo.py). A second,
+    idle row costs one more row of KV cache and nothing on the weights, which every row shares.
+    """
+    return max(2, pow2(n)) if n <= 8 else -(-int(n) // 8) * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +65,7 @@ class Plan:
     """Everything static about one compiled prefill/decode pair."""
 
     layout: CacheLayout
+    prefill_batch: int  # rows the prefill computes (<= layout.batch: cache rows beyond it idle)
     prompt_len: int  # T: padded prompt length
     n_images: int  # padded image count of the batch
     max_new: int  # token buffer size (a bucket of max_new_tokens)
@@ -103,9 +117,11 @@ class LoopState:
     kept: jax.Array | None  # [B, max_new, V] logits of emitted tokens, when the plan keeps them
 
 
-def _prefill(graphdef, plan: Plan, params, state, input_ids, prompt_len, pixel_values):
+def _prefill(graphdef, plan: Plan, params, input_ids, prompt_len, pixel_values):
     model = nnx.merge(graphdef, params)
-    return forward.prefill(model, plan.schedule, plan.attn, state, input_ids, prompt_len, pixel_values, loop=plan.loop)
+    return forward.prefill(
+        model, plan.schedule, plan.attn, plan.layout, input_ids, prompt_len, pixel_values, loop=plan.loop
+    )
 
 
 def _next_token(plan: Plan, logits, key, done, step, state: DecodingState, s: Sampling):
@@ -195,7 +211,7 @@ class GenerateOutput:
 
 
 class Engine:
-    """Compiles and runs prefill + decode for one model, keeping executables and states per plan.
+    """Compiles and runs prefill + decode for one model, keeping the executables per plan.
 
     ``log``: called with a message before anything slow (compiling a new plan).
     """
@@ -206,7 +222,6 @@ class Engine:
         self.dtype = jax.tree.leaves(params)[0].dtype
         self.log = log
         self._compiled: dict = {}
-        self._states: dict = {}
 
     # -- planning -------------------------------------------------------------------------------
 
@@ -251,9 +266,10 @@ class Engine:
             text_len = cache_len - image_len
             if n_prompt > cache_len or n_text > text_len:
                 raise QCacheError(f"prompt of {n_prompt} tokens does not fit the cache of {cache_len} tokens per row")
-        layout = CacheLayout(batch=pow2(len(prompts)), image_len=image_len, text_len=text_len, schedule=schedule)
+        layout = CacheLayout(batch=batch_bucket(len(prompts)), image_len=image_len, text_len=text_len, schedule=schedule)
         return Plan(
             layout=layout,
+            prefill_batch=pow2(len(prompts)) if len(prompts) <= 8 else layout.batch,
             prompt_len=bucket(n_prompt),
             n_images=pow2(sum(n_images_per_row)) if any(n_images_per_row) else 0,
             max_new=pow2(max(max_new_tokens, 16)),
@@ -271,13 +287,12 @@ class Engine:
     # -- compiling ------------------------------------------------------------------------------
 
     def _abstract_inputs(self, plan: Plan):
-        b, pv = plan.layout.batch, None
+        b, pv = plan.prefill_batch, None
         if plan.n_images:
             v = self.cfg.vision
             pv = jax.ShapeDtypeStruct((plan.n_images, v.num_channels, v.image_size, v.image_size), jnp.float32)
-        state = jax.eval_shape(lambda: init_state(plan.layout, self.cfg.text, self.dtype))
         ids = jax.ShapeDtypeStruct((b, plan.prompt_len), jnp.int32)
-        return state, ids, jax.ShapeDtypeStruct((b,), jnp.int32), pv
+        return ids, jax.ShapeDtypeStruct((b,), jnp.int32), pv
 
     def compile(self, plan: Plan) -> float:
         """Compile the plan's prefill and decode loop (once per plan); returns the seconds spent
@@ -291,11 +306,11 @@ class Engine:
                 f"up to {plan.max_new} new tokens, lazy layers {lazy} (first use of this shape)..."
             )
         t0 = time.perf_counter()
-        state, ids, lens, pv = self._abstract_inputs(plan)
-        prefill = jax.jit(functools.partial(_prefill, self.graphdef, plan), donate_argnums=(1,))
+        ids, lens, pv = self._abstract_inputs(plan)
+        prefill = jax.jit(functools.partial(_prefill, self.graphdef, plan))
         decode = jax.jit(functools.partial(_decode_loop, self.graphdef, plan), donate_argnums=(1,))
-        cp = prefill.lower(self.params, state, ids, lens, pv).compile()
-        state_out, logits = jax.eval_shape(prefill, self.params, state, ids, lens, pv)
+        cp = prefill.lower(self.params, ids, lens, pv).compile()
+        state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv)
         sampling = jax.eval_shape(lambda: Sampling.make(1))
         active = jax.ShapeDtypeStruct((plan.layout.batch,), jnp.bool_)
         cd = decode.lower(self.params, state_out, logits, sampling, active).compile()
@@ -310,21 +325,10 @@ class Engine:
 
     # -- running --------------------------------------------------------------------------------
 
-    def new_state(self, plan: Plan) -> DecodingState:
-        """A decoding state for ``plan``: a recycled one when available, else zeros."""
-        state = self._states.pop(plan.layout, None)
-        if state is None:
-            state = jax.jit(init_state, static_argnums=(0, 1, 2))(plan.layout, self.cfg.text, self.dtype)
-        return state
-
-    def recycle(self, plan: Plan, state: DecodingState) -> None:
-        """Keep ``state`` for the next call with the same layout (its buffers are reused)."""
-        self._states[plan.layout] = state
-
     def prepare(self, prompts, pixel_values, plan: Plan) -> Batch:
         """Padded device inputs for ``plan``: prompts right-padded with the pad id, rows and
         images padded to the plan's buckets."""
-        b = plan.layout.batch
+        b = plan.prefill_batch
         ids = np.full((b, plan.prompt_len), plan.pad_id, np.int32)
         lens = np.ones((b,), np.int32)
         for i, p in enumerate(prompts):
@@ -335,14 +339,14 @@ class Engine:
             pv = np.zeros((plan.n_images, *pixel_values.shape[1:]), np.float32)
             pv[: len(pixel_values)] = pixel_values
             pv = jnp.asarray(pv)
-        active = jnp.asarray(np.arange(b) < len(prompts))
+        active = jnp.asarray(np.arange(plan.layout.batch) < len(prompts))
         return Batch(jnp.asarray(ids), jnp.asarray(lens), pv, active, len(prompts))
 
-    def prefill(self, plan: Plan, batch: Batch, state: DecodingState | None = None):
-        """(state, logits [B, V] of each row's last prompt token); compiles the plan if needed."""
+    def prefill(self, plan: Plan, batch: Batch):
+        """(decoding state, logits [B, V] of each row's last prompt token); compiles the plan
+        if needed."""
         self.compile(plan)
-        state = self.new_state(plan) if state is None else state
-        return self._compiled[plan][0](self.params, state, batch.input_ids, batch.prompt_len, batch.pixel_values)
+        return self._compiled[plan][0](self.params, batch.input_ids, batch.prompt_len, batch.pixel_values)
 
     def decode(self, plan: Plan, state, logits, sampling: Sampling, active) -> LoopState:
         """Run the compiled decode loop from the prefill's ``state`` and ``logits``."""
@@ -360,7 +364,6 @@ class Engine:
         tokens = np.asarray(out.tokens)
         t2 = time.perf_counter()
         counts = np.asarray(out.count)
-        self.recycle(plan, out.state)
         kv, dense = self.kv_bytes(plan)
         n = batch.n_rows
         return GenerateOutput(
@@ -407,5 +410,4 @@ class Engine:
             done = new_done
             if bool(np.all(np.asarray(done))):
                 break
-        self.recycle(plan, state)
 

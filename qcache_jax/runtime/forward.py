@@ -12,12 +12,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ..lazy.attention import DecodePass, LazyAttention, SequencePass
-from ..lazy.cache import DecodingState
+from ..lazy.cache import CacheLayout, DecodingState
 from ..lazy.schedule import Schedule
 from ..lazy.stack import run_layers
 
 
-def _sequence_pass(model, input_ids, valid, *, probe_rows=None, img_idx=None, txt_idx=None):
+def _sequence_pass(model, input_ids, valid, *, probe_rows=None, img_idx=None, txt_idx=None, text_len=0):
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = model.rope(positions)
@@ -30,6 +30,7 @@ def _sequence_pass(model, input_ids, valid, *, probe_rows=None, img_idx=None, tx
         probe_rows=probe_rows,
         img_idx=img_idx,
         txt_idx=txt_idx,
+        text_len=text_len,
     )
 
 
@@ -73,28 +74,36 @@ def attention_probe(model, input_ids, pixel_values, valid, rows, *, loop="scan",
     return jnp.stack(out.probes)
 
 
-def prefill(model, schedule: Schedule, attn: LazyAttention, state: DecodingState, input_ids, prompt_len, pixel_values, *, loop="unroll"):
+def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout, input_ids, prompt_len, pixel_values,
+            *, loop="unroll"):
     """Run the prompts ``input_ids`` [B, T] (right-padded; ``prompt_len`` [B] real tokens) and
-    write every layer's cache segments. Returns (new state, logits of each row's last token)."""
+    create every layer's cache segments for ``layout``. Returns (state, logits [layout.batch,
+    V] of each row's last token). ``layout.batch`` may exceed B: the extra rows are idle
+    (empty segments), so a small batch is computed at its own size.
+    """
     b, t = input_ids.shape
     valid = jnp.arange(t)[None, :] < prompt_len[:, None]
     is_img = model.is_image(input_ids) & valid
-    image_len = state.layers[0].v_img.shape[2]
-    text_len = min(t, state.layers[0].v_txt.shape[2])
+    image_len = layout.image_len
     # Per row, the prompt positions of image tokens, then of text tokens, in order.
     img_idx = jnp.argsort(~is_img, axis=1, stable=True)[:, :image_len]
     img_idx = jnp.pad(img_idx, ((0, 0), (0, image_len - img_idx.shape[1])))
-    txt_idx = jnp.argsort(~(valid & ~is_img), axis=1, stable=True)[:, :text_len]
+    txt_idx = jnp.argsort(~(valid & ~is_img), axis=1, stable=True)[:, : min(t, layout.text_len)]
     h = model.embed(input_ids, pixel_values, loop=loop)
-    ctx = _sequence_pass(model, input_ids, valid, img_idx=img_idx, txt_idx=txt_idx)
-    out = run_layers(
-        model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, caches=state.layers, loop=loop
-    )
+    ctx = _sequence_pass(model, input_ids, valid, img_idx=img_idx, txt_idx=txt_idx, text_len=layout.text_len)
+    out = run_layers(model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, loop=loop)
     rows = jnp.arange(b)
     logits = model.head(out.h[rows, prompt_len - 1])
     n_img = is_img.sum(1).astype(jnp.int32)
-    new_state = DecodingState(layers=out.caches, n_img=n_img, n_txt=prompt_len - n_img, positions=prompt_len)
-    return new_state, logits
+    extra = layout.batch - b
+
+    def rows_to(x):  # idle rows: zeros (empty segments, lengths 0)
+        return jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)) if extra else x
+
+    caches = jax.tree.map(rows_to, out.caches)
+    state = DecodingState(layers=caches, n_img=rows_to(n_img), n_txt=rows_to(prompt_len - n_img),
+                          positions=rows_to(prompt_len))
+    return state, rows_to(logits)
 
 
 def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingState, tokens, *, loop="unroll"):

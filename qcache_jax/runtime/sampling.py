@@ -7,13 +7,8 @@ import jax
 import jax.numpy as jnp
 
 
-def sample(logits, key, temperature, top_k, top_p):
-    """Tokens [B] from logits [B, V] (float32).
-
-    ``temperature`` <= 0 means greedy (argmax); ``top_k`` <= 0 and ``top_p`` >= 1 disable
-    those filters. All three are scalars (traced).
-    """
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _draw(logits, key, temperature, top_k, top_p):
+    """A token per row from the temperature-scaled distribution, top-k / top-p filtered."""
     scaled = logits / jnp.maximum(temperature, 1e-6)
     desc = jnp.flip(jnp.sort(scaled, axis=-1), axis=-1)
     v = logits.shape[-1]
@@ -26,5 +21,18 @@ def sample(logits, key, temperature, top_k, top_p):
     keep_sorted = before < top_p
     cutoff = jnp.min(jnp.where(keep_sorted, desc, jnp.inf), axis=-1, keepdims=True)
     scaled = jnp.where(scaled < cutoff, -jnp.inf, scaled)
-    drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    return jnp.where(temperature > 0, drawn, greedy)
+    return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+
+def sample(logits, key, temperature, top_k, top_p):
+    """Tokens [B] from logits [B, V] (float32).
+
+    ``temperature`` <= 0 means greedy (argmax); ``top_k`` <= 0 and ``top_p`` >= 1 disable
+    those filters. All three are scalars (traced). Greedy decoding runs only the argmax: the
+    sort and the random draw over the vocabulary sit behind a ``lax.cond``.
+    """
+    return jax.lax.cond(
+        temperature > 0,
+        lambda: _draw(logits, key, temperature, top_k, top_p),
+        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+    )
