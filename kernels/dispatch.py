@@ -3,6 +3,8 @@
 impl values:
   "auto"                  GPU -> "pallas_gpu", TPU -> "pallas_tpu", else "xla";
   "xla"                   plain-XLA fast path (kernels/xla.py; CPU default);
+  "xla_train"             prefill as the direct formula with a hand-written backward
+                          pass (training on CPU; decode as "xla");
   "pallas_gpu"            Pallas Triton kernels (kernels/gpu.py);
   "pallas_tpu"            Pallas Mosaic kernels (kernels/tpu.py);
   "*_interpret"           the same kernels interpreted on any backend (tests).
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 from . import gpu, tpu, xla
 from ._compat import backend, tpu_interpret
 
-IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret", "pallas_tpu_interpret")
+IMPLS = ("auto", "xla", "xla_train", "pallas_gpu", "pallas_tpu", "pallas_gpu_interpret", "pallas_tpu_interpret")
 
 
 def resolve_impl(impl: str = "auto") -> str:
@@ -44,7 +46,7 @@ def _kernels(impl):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "impl"))
-def flash_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, impl="auto"):
+def flash_attention(q, k, v, q_pos, kv_pos, kv_valid, *, q_seg=None, kv_seg=None, scale=None, impl="auto"):
     """Prefill attention with position masks and GQA.
 
     Args:
@@ -53,6 +55,9 @@ def flash_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, impl="auto"
         Key j is visible to query i iff kv_valid and kv_pos[j] <= q_pos[i]
         (positions must be < 2**31 - 1). Query head h reads kv head
         h // (Hq // Hkv).
+      q_seg, kv_seg: optional int32 [B, Tq] / [B, Tk] segment ids for packed rows:
+        key j must also have kv_seg 0 (a shared prefix) or q_seg[i]. Only the
+        "xla" and "xla_train" impls take them.
       scale: softmax scale, default 1/sqrt(D).
       impl: see module docstring.
 
@@ -62,7 +67,11 @@ def flash_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, impl="auto"
     """
     impl = resolve_impl(impl)
     if impl == "xla":
-        return xla.prefill(q, k, v, q_pos, kv_pos, kv_valid, scale=scale)
+        return xla.prefill(q, k, v, q_pos, kv_pos, kv_valid, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
+    if impl == "xla_train":
+        return xla.train_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
+    if kv_seg is not None:
+        raise NotImplementedError(f"packed segments are not supported by the {impl} kernels; use impl='xla'")
     module, interpret = _kernels(impl)
     return module.prefill(q, k, v, q_pos, kv_pos, kv_valid, scale=scale, interpret=interpret)
 
@@ -88,7 +97,7 @@ def decode_attention(q, k, v, lengths, *, scale=None, impl="auto", return_probs=
     """
     impl = resolve_impl(impl)
     lengths = lengths.astype(jnp.int32)
-    if impl == "xla":
+    if impl in ("xla", "xla_train"):
         return xla.decode(q, k, v, lengths, scale=scale, return_probs=return_probs)
     module, interpret = _kernels(impl)
     return module.decode(q, k, v, lengths, scale=scale, return_probs=return_probs, interpret=interpret)
@@ -112,7 +121,7 @@ def lazy_decode_pv(probs, v, *, lengths=None, impl="auto"):
       out [B, Hq, D] in v.dtype.
     """
     impl = resolve_impl(impl)
-    if impl == "xla":
+    if impl in ("xla", "xla_train"):
         return xla.lazy_pv(probs, v, lengths)
     if lengths is None:
         lengths = jnp.full((probs.shape[0],), probs.shape[-1], jnp.int32)

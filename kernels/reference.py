@@ -48,12 +48,23 @@ def safe_softmax_stats(s, axis=-1):
     return p, l, jnp.squeeze(lse, axis)
 
 
-def reference_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, return_probs=False):
+def visibility(q_pos, kv_pos, kv_valid, q_seg=None, kv_seg=None):
+    """[B, Tq, Tk] bool: key j visible to query i iff kv_valid[j], kv_pos[j] <= q_pos[i] and,
+    with segment ids, kv_seg[j] is 0 (a prefix every segment shares) or equals q_seg[i]."""
+    mask = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])
+    if kv_seg is not None:
+        mask &= (kv_seg[:, None, :] == 0) | (kv_seg[:, None, :] == q_seg[:, :, None])
+    return mask
+
+
+def reference_attention(q, k, v, q_pos, kv_pos, kv_valid, *, q_seg=None, kv_seg=None, scale=None, return_probs=False):
     """Position-masked GQA attention, computed directly (O(Tq*Tk) memory).
 
     Args:
       q: [B, Hq, Tq, D]; k, v: [B, Hkv, Tk, D] with Hq % Hkv == 0.
       q_pos: int32 [B, Tq]; kv_pos: int32 [B, Tk]; kv_valid: bool [B, Tk].
+      q_seg, kv_seg: optional int32 segment ids [B, Tq] / [B, Tk] (see `visibility`):
+        several sequences packed in one row after a shared prefix (segment 0).
       scale: softmax scale, default 1/sqrt(D).
       return_probs: also return the normalized probabilities.
 
@@ -67,7 +78,7 @@ def reference_attention(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, return_
     scale = default_scale(d, scale)
     qf = q.astype(jnp.float32).reshape(b, hkv, g, tq, d)
     s = jnp.einsum("bhgqd,bhkd->bhgqk", qf, k.astype(jnp.float32), precision=_HIGHEST) * scale
-    mask = kv_valid[:, None, :] & (kv_pos[:, None, :] <= q_pos[:, :, None])  # [B, Tq, Tk]
+    mask = visibility(q_pos, kv_pos, kv_valid, q_seg, kv_seg)  # [B, Tq, Tk]
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     p, l, lse = safe_softmax_stats(s)
     p = p / jnp.where(l > 0, l, 1.0)

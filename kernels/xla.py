@@ -28,8 +28,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+import jax
+
 from .common import POS_NEVER_VISIBLE, POS_SEES_NOTHING, masked_kv_pos, pad_axis, softmax_finish
-from .reference import default_scale, reference_attention
+from .reference import default_scale, reference_attention, visibility
 
 _F32 = jnp.float32
 # dot_general dimension numbers with batch dims (B, Hkv) leading.
@@ -100,14 +102,14 @@ PREFILL_BLOCK_Q = 256
 PREFILL_BLOCK_K = 256
 
 
-def prefill(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=None, block_k=None):
+def prefill(q, k, v, q_pos, kv_pos, kv_valid, *, q_seg=None, kv_seg=None, scale=None, block_q=None, block_k=None):
     """Position-masked GQA prefill (see dispatch.flash_attention).
 
-    Tk <= DIRECT_MAX_TK (and no explicit blocks): `reference_attention`.
+    Tk <= DIRECT_MAX_TK (and no explicit blocks), or packed segments: `reference_attention`.
     Otherwise `prefill_blocked`.
     """
-    if block_q is None and block_k is None and k.shape[2] <= DIRECT_MAX_TK:
-        return reference_attention(q, k, v, q_pos, kv_pos, kv_valid, scale=scale)
+    if kv_seg is not None or (block_q is None and block_k is None and k.shape[2] <= DIRECT_MAX_TK):
+        return reference_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
     return prefill_blocked(
         q, k, v, q_pos, kv_pos, kv_valid, scale=scale, block_q=block_q or PREFILL_BLOCK_Q,
         block_k=block_k or PREFILL_BLOCK_K,
@@ -188,3 +190,61 @@ def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=512
     outs = (jnp.zeros((b, hq, tq_p, d), q.dtype), jnp.zeros((b, hq, tq_p), _F32))
     out, lse = lax.fori_loop(0, nq, q_block, outs)
     return out[:, :, :tq], lse[:, :, :tq]
+
+
+# -- training: the direct formula with a hand-written backward pass ------------------------------
+
+
+def train_attention(q, k, v, q_pos, kv_pos, kv_valid, *, q_seg=None, kv_seg=None, scale=None):
+    """`reference_attention`'s numbers for training-length sequences, differentiable with a
+    hand-written backward pass: one [g*Tq, Tk] float32 score matrix per KV head (the g query
+    heads of a KV head stacked along rows), softmax saved for the backward. XLA CPU runs this
+    about 1.5x faster than autodiff of the forward (measured on the real-weights training).
+    Returns (out [B, Hq, Tq, D] in q.dtype, lse f32 [B, Hq, Tq])."""
+    mask = visibility(q_pos, kv_pos, kv_valid, q_seg, kv_seg)
+    out = _train_attention(q, k, v, mask, default_scale(q.shape[-1], scale))
+    return out, jnp.zeros(q.shape[:3], _F32)  # lse is not differentiated (no caller merges training segments)
+
+
+def _train_fwd_impl(q, k, v, mask, scale):
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    qg = q.reshape(b, hkv, g * tq, d).astype(_F32)
+    s = lax.dot_general(qg, k.astype(_F32), _QK, preferred_element_type=_F32) * scale  # [B, Hkv, g*Tq, Tk]
+    visible = jnp.tile(mask[:, None], (1, 1, g, 1))
+    s = jnp.where(visible, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - jnp.where(m == -jnp.inf, 0.0, m))
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(l > 0, l, 1.0)
+    out = lax.dot_general(p, v.astype(_F32), _PV, preferred_element_type=_F32)
+    return out.reshape(b, hq, tq, d).astype(q.dtype), p
+
+
+@jax.custom_vjp
+def _train_attention(q, k, v, mask, scale):
+    return _train_fwd_impl(q, k, v, mask, scale)[0]
+
+
+def _train_vjp_fwd(q, k, v, mask, scale):
+    out, p = _train_fwd_impl(q, k, v, mask, scale)
+    return out, (q, k, v, p, scale)
+
+
+def _train_vjp_bwd(res, do):
+    q, k, v, p, scale = res
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    dog = do.reshape(b, hkv, g * tq, d).astype(_F32)
+    dv = lax.dot_general(p, dog, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=_F32)  # [B,Hkv,Tk,D]
+    dp = lax.dot_general(dog, v.astype(_F32), _QK, preferred_element_type=_F32)  # [B,Hkv,g*Tq,Tk]
+    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale
+    dq = lax.dot_general(ds, k.astype(_F32), _PV, preferred_element_type=_F32).reshape(b, hq, tq, d)
+    qg = q.reshape(b, hkv, g * tq, d).astype(_F32)
+    dk = lax.dot_general(ds, qg, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=_F32)  # [B,Hkv,Tk,D]
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_train_attention.defvjp(_train_vjp_fwd, _train_vjp_bwd)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -106,8 +107,10 @@ class QCacheModel:
         an explicit mode wins, else the mode a schedule file records, else ``vla``)."""
         return Schedule.resolve(lazy, self.num_layers, mode=mode, ckpt_dir=self.path)
 
-    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None):
-        """Validate HF-style inputs; returns them as numpy arrays. Raises QCacheError naming the problem."""
+    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None):
+        """Validate HF-style inputs; returns them as numpy arrays (LLaVA-NeXT pixel values with
+        their ``image_sizes`` as a host :class:`~qcache_jax.nn.anyres.AnyresPixels`). Raises
+        QCacheError naming the problem."""
         cfg = self.config
         ids = _to_numpy(input_ids)
         if ids.ndim == 1:
@@ -125,6 +128,10 @@ class QCacheModel:
                 raise QCacheError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
         pv = _to_numpy(pixel_values)
         n_img_tokens = int((ids == cfg.image_token_id).sum()) if cfg.has_vision else 0
+        if image_sizes is not None and not cfg.anyres:
+            raise QCacheError("image_sizes is for LLaVA-NeXT checkpoints; this one takes pixel_values [N, C, H, W]")
+        if pv is not None and cfg.anyres:
+            return ids.astype(np.int32), self._check_next_images(pv, image_sizes, n_img_tokens), mask
         if pv is not None:
             if not cfg.has_vision:
                 raise QCacheError("this is a text-only checkpoint: it takes no pixel_values")
@@ -145,6 +152,25 @@ class QCacheModel:
             raise QCacheError(f"input_ids has {n_img_tokens} image tokens but no pixel_values were given")
         return ids.astype(np.int32), pv, mask
 
+    def _check_next_images(self, pv, image_sizes, n_img_tokens: int):
+        """LLaVA-NeXT pixel values [N, views, C, H, W] (or [views, C, H, W]) and image_sizes
+        [N, 2], checked against the image tokens, packed for the model."""
+        from .nn import anyres
+
+        if image_sizes is None:
+            raise QCacheError(
+                "a LLaVA-NeXT checkpoint needs image_sizes with pixel_values (as LlavaNextProcessor returns them)"
+            )
+        sizes = _to_numpy(image_sizes)
+        images = anyres.pack(pv, sizes, self.config)
+        expected = len(images.index)
+        if n_img_tokens != expected:
+            raise QCacheError(
+                f"image features and image tokens do not match: {len(sizes.reshape(-1, 2))} image(s) of these sizes "
+                f"need {expected} image tokens (id {self.config.image_token_id}) in input_ids, found {n_img_tokens}"
+            )
+        return images
+
     def logits(
         self,
         input_ids,
@@ -153,6 +179,7 @@ class QCacheModel:
         lazy=None,
         mode: str | None = None,
         *,
+        image_sizes=None,
         loop: str = "scan",
         attention_impl: str = "auto",
     ):
@@ -160,17 +187,19 @@ class QCacheModel:
 
         ``lazy``: a schedule in any accepted form (None = dense); ``mode``: ``vla`` or ``gla``
         (None: the mode a schedule file records, else ``vla``). ``loop``: ``scan`` (one
-        compiled layer) or ``unroll``; both compute the same numbers.
+        compiled layer) or ``unroll``; both compute the same numbers. LLaVA-NeXT:
+        ``pixel_values`` [N, views, C, H, W] and ``image_sizes`` [N, 2], as
+        ``LlavaNextForConditionalGeneration`` takes them.
         """
         from .runtime.forward import logits_fn
 
-        ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
+        ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes)
         schedule = self.resolve_lazy(lazy, mode)
         out = logits_fn(
             self.graphdef,
             self.params,
             jnp.asarray(ids),
-            None if pv is None else jnp.asarray(pv),
+            None if pv is None else jax.tree.map(jnp.asarray, pv),
             None if mask is None else jnp.asarray(mask),
             None if schedule.is_dense else jnp.asarray(schedule.mask),
             mode=schedule.mode,
@@ -193,7 +222,9 @@ class QCacheModel:
 
     def encode(self, prompt: str, images=(), *, raw: bool = False):
         """Token ids (image tokens expanded) and pixel values for one text prompt and its images,
-        through the checkpoint's chat template and HF processor."""
+        through the checkpoint's chat template and HF processor. For a LLaVA-NeXT checkpoint a
+        third item: ``image_sizes`` [N, 2] (pixel values are then [N, views, C, H, W], and each
+        image's token count depends on its size)."""
         if isinstance(images, (str, Path)) or hasattr(images, "convert"):
             images = [images]  # one image given alone, not a list of them
         images = [open_image(im) for im in images]
@@ -228,8 +259,10 @@ class QCacheModel:
             if self.processor is None:
                 raise QCacheError(f"{self.path}: checkpoint has no image processor, so it cannot take images")
             enc = self.processor(images=images, text=[text], return_tensors="np")
-            return enc["input_ids"][0].tolist(), enc["pixel_values"].astype(np.float32)
-        return self._tokenizer()(text)["input_ids"], None
+            ids, pv = enc["input_ids"][0].tolist(), enc["pixel_values"].astype(np.float32)
+            return (ids, pv, np.asarray(enc["image_sizes"])) if self.config.anyres else (ids, pv)
+        ids = self._tokenizer()(text)["input_ids"]
+        return (ids, None, None) if self.config.anyres else (ids, None)
 
     def _image_token_text(self) -> str:
         tok = self._tokenizer()
@@ -244,13 +277,15 @@ class QCacheModel:
         return dataclasses.replace(base, **kwargs)
 
     def generate(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
-                 options: GenerateOptions | None = None, **kwargs) -> "GenerateResult":
+                 image_sizes=None, options: GenerateOptions | None = None, **kwargs) -> "GenerateResult":
         """Jitted prefill + ``lax.while_loop`` decode for one prompt or a batch.
 
         Give either ``prompt`` (a string, or a list of strings) with ``images`` (a path or PIL
         image, or a list of them; for a batch, one list per prompt), formatted with the chat
         template unless ``raw``; or HF-style ``input_ids`` [B, T] (image tokens expanded;
-        padding on either side marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W].
+        padding on either side marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W]
+        (LLaVA-NeXT: [N, views, C, H, W] and ``image_sizes`` [N, 2]; rows may hold different
+        numbers of image tokens).
         Options: a :class:`GenerateOptions` and/or its fields as keywords (``lazy``, ``mode``,
         ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``raw``,
         ``eos_token_id``, ``cache_len``, ``max_context``, ``attention_impl``,
@@ -261,7 +296,9 @@ class QCacheModel:
         from .runtime.engine import Sampling
 
         opts = self.options(options, **kwargs)
-        engine, plan, prompts, pv, schedule = self._setup(prompt, images, input_ids, pixel_values, attention_mask, opts)
+        engine, plan, prompts, pv, schedule = self._setup(
+            prompt, images, input_ids, pixel_values, attention_mask, opts, image_sizes
+        )
         sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
         out = engine.generate(prompts, pv, plan, sampling)
         return GenerateResult(
@@ -280,7 +317,7 @@ class QCacheModel:
         )
 
     def stream(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
-               options: GenerateOptions | None = None, stats: dict | None = None, **kwargs):
+               image_sizes=None, options: GenerateOptions | None = None, stats: dict | None = None, **kwargs):
         """Like :meth:`generate` (same arguments), yielding each step's new token per prompt as
         a list (None for prompts that have finished). ``stats``, when given, receives the
         compile and prefill seconds, the KV cache bytes and the schedule before the first token."""
@@ -289,7 +326,9 @@ class QCacheModel:
         opts = self.options(options, **kwargs)
         if opts.return_logits:
             raise QCacheError("stream() does not return logits; use generate(return_logits=True)")
-        engine, plan, prompts, pv, _ = self._setup(prompt, images, input_ids, pixel_values, attention_mask, opts)
+        engine, plan, prompts, pv, _ = self._setup(
+            prompt, images, input_ids, pixel_values, attention_mask, opts, image_sizes
+        )
         sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
         yield from engine.stream(prompts, pv, plan, sampling, opts.max_new_tokens, stats=stats)
 
@@ -312,17 +351,25 @@ class QCacheModel:
         )
         return engine, plan
 
-    def _setup(self, prompt, images, input_ids, pixel_values, attention_mask, opts: GenerateOptions):
+    def _setup(self, prompt, images, input_ids, pixel_values, attention_mask, opts: GenerateOptions,
+               image_sizes=None):
         """Validate inputs; (engine, plan, prompts, pixel values, schedule)."""
         schedule = self.resolve_lazy(opts.lazy, opts.mode)
-        prompts, pv = self._prompts(prompt, images, input_ids, pixel_values, attention_mask, opts.raw)
-        per = self.config.image_tokens_per_image
-        n_img = [sum(1 for t in p if t == self.config.image_token_id) // per if per else 0 for p in prompts]
+        prompts, pv, counts = self._prompts(
+            prompt, images, input_ids, pixel_values, attention_mask, opts.raw, image_sizes
+        )
+        if self.config.anyres:
+            n_img = self._next_images_per_row(prompts, counts)
+        else:
+            per = self.config.image_tokens_per_image
+            n_img = [sum(1 for t in p if t == self.config.image_token_id) // per if per else 0 for p in prompts]
         engine, plan = self.plan(prompts, n_img, opts, schedule)
         return engine, plan, prompts, pv, schedule
 
-    def _prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw):
-        """Per-row prompt token lists (no padding) and the batch's pixel values."""
+    def _prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw, image_sizes=None):
+        """Per-row prompt token lists (no padding), the batch's pixel values (LLaVA-NeXT: a host
+        :class:`~qcache_jax.nn.anyres.AnyresPixels` of the batch's images, in row order) and, for
+        LLaVA-NeXT, each image's token count (else None)."""
         if (prompt is None) == (input_ids is None):
             raise QCacheError("give exactly one of prompt or input_ids")
         if prompt is not None:
@@ -336,21 +383,33 @@ class QCacheModel:
                 per_row = [x for x in images] if images else [[] for _ in batch]
             if len(per_row) != len(batch):
                 raise QCacheError(f"{len(batch)} prompts but {len(per_row)} image lists")
-            rows, pvs = [], []
+            if image_sizes is not None:
+                raise QCacheError("image_sizes goes with pixel_values; with a prompt, give the images")
+            rows, pvs, sizes = [], [], []
             for p, ims in zip(batch, per_row):
-                ids, pv = self.encode(p, ims, raw=raw)
+                ids, pv, *size = self.encode(p, ims, raw=raw)
                 rows.append(ids)
                 if pv is not None:
                     pvs.append(pv)
+                    sizes.append(size[0] if size else None)
+            if self.config.anyres:
+                return self._next_rows(rows, pvs, sizes)
             pv = np.concatenate(pvs) if pvs else None
         else:
-            ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask)
+            ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes)
             mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
             rows = [row[m].tolist() for row, m in zip(ids, mask)]
+            if self.config.anyres:
+                from .nn import anyres
+
+                if any(len(r) == 0 for r in rows):
+                    raise QCacheError("a prompt has no tokens")
+                counts = [] if pv is None else anyres.image_token_counts(_to_numpy(image_sizes), self.config)
+                return rows, pv, counts
         if any(len(r) == 0 for r in rows):
             raise QCacheError("a prompt has no tokens")
         per = self.config.image_tokens_per_image
-        if per:
+        if per and not self.config.anyres:  # LLaVA-NeXT: checked by check_inputs and the planner
             flat = np.array([t for r in rows for t in r])
             n_tok = int((flat == self.config.image_token_id).sum())
             n_pv = 0 if pv is None else pv.shape[0]
@@ -359,7 +418,37 @@ class QCacheModel:
             for r in rows:
                 if sum(1 for t in r if t == self.config.image_token_id) % per:
                     raise QCacheError(f"a prompt's image tokens are not a whole number of images ({per} tokens each)")
-        return rows, pv
+        return rows, pv, None
+
+    def _next_rows(self, rows, pvs, sizes):
+        """LLaVA-NeXT, encoded prompts: (rows, one host AnyresPixels of all their images in
+        order, each image's token count)."""
+        from .nn import anyres
+
+        if any(len(r) == 0 for r in rows):
+            raise QCacheError("a prompt has no tokens")
+        if not pvs:
+            return rows, None, []
+        views = [anyres.pack(pv, size, self.config).views for pv, size in zip(pvs, sizes)]
+        sizes = np.concatenate(sizes)
+        images = anyres.pack(np.concatenate(views), sizes, self.config)
+        return rows, images, anyres.image_token_counts(sizes, self.config)
+
+    def _next_images_per_row(self, prompts, counts) -> list[int]:
+        """LLaVA-NeXT: how many images each row holds (images come in row order; each fills as
+        many image tokens as its size gives it)."""
+        k, out = 0, []
+        for p in prompts:
+            need, n = sum(1 for t in p if t == self.config.image_token_id), 0
+            while need > 0 and k < len(counts):
+                need -= counts[k]
+                k, n = k + 1, n + 1
+            if need:
+                raise QCacheError(
+                    "a prompt's image tokens do not add up to whole images (each image's size fixes its count)"
+                )
+            out.append(n)
+        return out
 
     def _eos(self, eos_token_id) -> tuple[int, ...]:
         if eos_token_id is not None:

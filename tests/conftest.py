@@ -41,3 +41,23 @@ def tiny_ckpt(tiny_hf_dir, tmp_path_factory):
 
 def read_json(p: Path):
     return json.loads(Path(p).read_text())
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    """A generated 40x40 picture on disk."""
+    from qcache_jax.demo.pictures import demo_image
+
+    p = tmp_path_factory.mktemp("img") / "pic.png"
+    demo_image(size=40, seed=3).save(p)
+    return p
+
+
+def run_cli(argv, capsys):
+    """(exit code, stdout, stderr) of ``qcache ARGV`` run in this process."""
+    from qcache_jax import cli
+
+    capsys.readouterr()
+    code = cli.main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -12,25 +12,15 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from qcache_jax import QCacheError, cli, convert_hf, load
-from qcache_jax.demo.pictures import demo_image
 
 PROMPT = "what color is the circle ?"
 
 
-@pytest.fixture(scope="module")
-def image_path(tmp_path_factory):
-    p = tmp_path_factory.mktemp("img") / "pic.png"
-    demo_image(size=40, seed=3).save(p)
-    return p
-
-
 def _run(argv, capsys):
-    capsys.readouterr()
-    code = cli.main(argv)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_cli(argv, capsys)
 
 
 def _umask() -> int:

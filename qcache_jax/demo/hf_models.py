@@ -46,10 +46,16 @@ def tiny_config(
     multimodal_projector_bias: bool = True,
     attention_bias: bool = False,
     max_position_embeddings: int = 512,
+    rms_norm_eps: float = 1e-6,
+    image_token_id: int | None = None,
+    image_grid_pinpoints=None,
 ) -> LlavaConfig:
-    """Our config of a tiny LLaVA (ids: <s> 1, </s> 2, <pad> 3, image token <image> 4, or the
-    last id when ``vocab_size`` is given)."""
+    """Our config of a tiny LLaVA (ids: <s> 1, </s> 2, <pad> 3; the image token ``<image>`` is 4,
+    or the last id when only ``vocab_size`` is given). ``image_grid_pinpoints`` ([[h, w], ...]
+    in pixels, multiples of ``image_size``): a LLaVA-NeXT (anyres) model instead of LLaVA-1.5."""
     n_vocab = vocab_size or len(tiny_tokenizer())
+    if image_token_id is None:
+        image_token_id = SPECIALS.index("<image>") if vocab_size is None else n_vocab - 1
     text = TextConfig(
         vocab_size=n_vocab,
         hidden_size=hidden_size,
@@ -58,7 +64,7 @@ def tiny_config(
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
         head_dim=head_dim or hidden_size // num_heads,
-        rms_norm_eps=1e-6,
+        rms_norm_eps=rms_norm_eps,
         rope=rope,
         max_position_embeddings=max_position_embeddings,
         qkv_bias=attention_bias or text_model_type == "qwen2",
@@ -82,21 +88,30 @@ def tiny_config(
     return LlavaConfig(
         vision=vision,
         text=text,
-        image_token_id=SPECIALS.index("<image>") if vocab_size is None else n_vocab - 1,
+        image_token_id=image_token_id,
         image_seq_length=n_patches + (vision_feature_select_strategy == "full"),
         projector_hidden_act=projector_hidden_act,
         projector_bias=multimodal_projector_bias,
         vision_feature_layer=vfl,
         vision_feature_select_strategy=vision_feature_select_strategy,
+        image_grid_pinpoints=None if image_grid_pinpoints is None else tuple(tuple(p) for p in image_grid_pinpoints),
     )
 
 
+def tiny_next_config(*, image_grid_pinpoints=((28, 56), (56, 28), (56, 56), (84, 28), (28, 84)), **kwargs):
+    """:func:`tiny_config` of a tiny LLaVA-NeXT: by default CLIP at 28 px in 7 px patches (16
+    tokens per view) and LLaVA-v1.6's pinpoints scaled from 336 to 28 px (up to 4 tiles)."""
+    return tiny_config(image_grid_pinpoints=image_grid_pinpoints, **kwargs)
+
+
 def random_hf_model(cfg: LlavaConfig, *, seed: int = 0, initializer_range: float = 0.02, perturb: bool = False):
-    """A random transformers model (``LlavaForConditionalGeneration``, or a ``*ForCausalLM``
-    for a text-only config) for ``cfg``, float32, eval mode, seeded. ``perturb``: also draw the
+    """A random transformers model (``LlavaForConditionalGeneration``,
+    ``LlavaNextForConditionalGeneration`` for an anyres config, or a ``*ForCausalLM`` for a
+    text-only config) for ``cfg``, float32, eval mode, seeded. ``perturb``: also draw the
     biases and norm weights (which transformers initialises as 0/1) so parity tests see them."""
     import torch
     from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+    from transformers import LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
     hf_cfg = to_hf_config(
@@ -106,6 +121,8 @@ def random_hf_model(cfg: LlavaConfig, *, seed: int = 0, initializer_range: float
     )
     if cfg.vision is None:
         model = AutoModelForCausalLM.from_config(hf_cfg).eval()
+    elif cfg.anyres:
+        model = LlavaNextForConditionalGeneration(hf_cfg).eval()
     else:
         model = LlavaForConditionalGeneration(hf_cfg).eval()
     if perturb:
@@ -136,9 +153,45 @@ def _rope(params: dict) -> RopeConfig:
     return dataclasses.replace(base, **{k: v for k, v in p.items() if k in {f.name for f in dataclasses.fields(RopeConfig)}})
 
 
+def build_hf_llava_next(*, seed: int = 0, initializer_range: float = 0.2, rope_parameters: dict | None = None,
+                        **kwargs):
+    """A random tiny ``LlavaNextForConditionalGeneration`` like :func:`build_hf_llava` (``kwargs``:
+    :func:`tiny_next_config`'s, e.g. ``image_grid_pinpoints``, ``image_size``, ``patch_size``)."""
+    if rope_parameters is not None:
+        kwargs["rope"] = _rope(rope_parameters)
+    cfg = tiny_next_config(**kwargs)
+    return random_hf_model(cfg, seed=seed, initializer_range=initializer_range, perturb=True)
+
+
+def next_processor(tokenizer, cfg: LlavaConfig):
+    """A ``LlavaNextProcessor`` for ``cfg`` (an anyres config): HF's LLaVA-NeXT image processor
+    (base view resized to the CLIP size, tiles of the best pinpoint grid, CLIP normalisation;
+    the PIL backend, which needs no torchvision) + ``tokenizer`` + its chat template."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    size = cfg.vision.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=cfg.vision.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+
+
 def tiny_processor(model, tokenizer=None):
-    """A LlavaProcessor (CLIP image processor + tokenizer + chat template) matching ``model``."""
+    """A LlavaProcessor (CLIP image processor + tokenizer + chat template) matching ``model``
+    (a LlavaNextProcessor for a LLaVA-NeXT model)."""
     cfg = from_hf_config(model.config)
+    if cfg.anyres:
+        return next_processor(tokenizer or tiny_tokenizer(), cfg)
     return llava_processor(
         tokenizer or tiny_tokenizer(),
         image_size=cfg.vision.image_size,

@@ -11,7 +11,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..config import LlavaConfig
 from ..io.hf_config import to_hf_config
 from ..tools.train import (
     Batcher,
@@ -25,6 +25,7 @@ from ..tools.train import (
     write_checkpoint,
 )
 from . import synthetic_vqa
+from .hf_models import tiny_config
 
 DEMO_VAL_EXAMPLES = 256
 
@@ -48,36 +49,22 @@ def demo_config(
     """The toy VQA model: a CLIP tower and a Llama decoder. The last CLIP layer's features are
     used (``vision_feature_layer=-1``) so no tower layer is dead weight. Token ids: <s> 1,
     </s> 2, <pad> 3 (:mod:`qcache_jax.demo.tokenizer`)."""
-    text = TextConfig(
+    return tiny_config(
         vocab_size=vocab_size,
+        image_token_id=image_token_id,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_layers=num_layers,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
-        rms_norm_eps=1e-5,
-        rope=RopeConfig(),
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=1,
-        eos_token_id=(2,),
-        pad_token_id=3,
-    )
-    vision = VisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_layers=vision_layers,
-        num_heads=vision_heads,
+        vision_hidden=vision_hidden,
+        vision_layers=vision_layers,
+        vision_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
-    )
-    return LlavaConfig(
-        vision=vision,
-        text=text,
-        image_token_id=image_token_id,
-        image_seq_length=vision.num_patches,
+        max_position_embeddings=max_position_embeddings,
+        rms_norm_eps=1e-5,
         vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
     )
 
 

@@ -48,7 +48,8 @@ class SequencePass:
     """A whole sequence at once (full forward, prefill, calibration probe).
 
     ``cos``/``sin`` [B, T, D]; ``positions``, ``valid`` (key padding) and ``vis`` (image
-    positions) [B, T]. ``probe_rows`` [R]: also return every layer's attention probabilities of
+    positions) [B, T]; ``segments`` [B, T] (optional): several sequences packed in a row after
+    a shared prefix (segment 0), each seeing only the prefix and itself. ``probe_rows`` [R]: also return every layer's attention probabilities of
     those query rows (calibration). Prefill also gives ``img_idx`` [B, S_img] / ``txt_idx``
     [B, T_txt]: the prompt positions of each row's image / text tokens, in order, and
     ``text_len``, the text segment's capacity: each layer then returns its new cache segments.
@@ -59,6 +60,7 @@ class SequencePass:
     positions: jax.Array
     valid: jax.Array
     vis: jax.Array
+    segments: jax.Array | None = None
     probe_rows: jax.Array | None = None
     img_idx: jax.Array | None = None
     txt_idx: jax.Array | None = None
@@ -158,12 +160,14 @@ class LazyAttention:
 
         q, k, qc = _select(is_lazy, lazy, anchor, qc)
         v = layer.values(x)
-        out = attend(q, k, v, ctx.positions, ctx.positions, ctx.valid, impl=self.impl)
+        seg = ctx.segments
+        out = attend(q, k, v, ctx.positions, ctx.positions, ctx.valid, segments=seg, impl=self.impl)
         probe = None
         if ctx.probe_rows is not None:
             rows = ctx.probe_rows
             *_, probe = reference_attention(
-                q[:, :, rows], k, v, ctx.positions[:, rows], ctx.positions, ctx.valid, return_probs=True
+                q[:, :, rows], k, v, ctx.positions[:, rows], ctx.positions, ctx.valid,
+                q_seg=None if seg is None else seg[:, rows], kv_seg=seg, return_probs=True,
             )
         new = None
         if ctx.is_prefill:

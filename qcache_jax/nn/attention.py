@@ -12,10 +12,11 @@ import jax.numpy as jnp
 from ..kernels import decode_attention, flash_attention, lazy_decode_pv, merge_attention
 
 
-def attend(q, k, v, q_pos, kv_pos, kv_valid, *, impl: str = "auto"):
+def attend(q, k, v, q_pos, kv_pos, kv_valid, *, segments=None, impl: str = "auto"):
     """softmax(q k^T / sqrt(D)) v [B, Hq, Tq, D]; key j visible to query i iff valid and
-    kv_pos <= q_pos."""
-    return flash_attention(q, k, v, q_pos, kv_pos, kv_valid, impl=impl)[0]
+    kv_pos <= q_pos (and, with ``segments`` [B, T] for a packed self-attention, in the shared
+    prefix segment 0 or in the query's own segment)."""
+    return flash_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=segments, kv_seg=segments, impl=impl)[0]
 
 
 def decode_segments(q, segments, *, impl: str = "auto", return_probs: bool = False):

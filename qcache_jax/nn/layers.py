@@ -46,14 +46,45 @@ def activation(name: str):
     return _ACTIVATIONS[name]
 
 
+def _matmul_impl(x, w):
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@jax.custom_vjp
+def matmul(x, w):
+    """``x [..., in] @ w [in, out]`` in ``x``'s dtype with float32 accumulation.
+
+    For float32 this is ``x @ w``. For bfloat16 the forward and the backward pass both run
+    bf16 x bf16 -> f32 dots (XLA CPU's fast path with AVX512-BF16); plain autodiff of a
+    mixed-precision dot would fall back to f32 x f32 products in the backward pass.
+    """
+    return _matmul_impl(x, w)
+
+
+def _matmul_fwd(x, w):
+    return _matmul_impl(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
+    # When w is not being trained, XLA removes this product (its result is unused).
+    dw = jnp.dot(x.reshape(-1, x.shape[-1]).T, g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+    return dx, dw.astype(w.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 class Linear(nnx.Module):
     def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param((_INIT_STD * jax.random.normal(rngs.params(), (d_in, d_out))).astype(dtype))
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
 
     def __call__(self, x):
-        y = x @ self.kernel[...]
-        return y + self.bias[...] if self.bias is not None else y
+        y = matmul(x, self.kernel[...])
+        return y + self.bias[...].astype(y.dtype) if self.bias is not None else y
 
 
 class Embed(nnx.Module):
@@ -64,9 +95,11 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], ids, axis=0)
 
     def attend(self, x):
-        """Tied output head: logits against the embedding table, contracting its last axis
-        directly (``x @ E.T`` would ask XLA for a transposed copy of the whole table)."""
-        return jax.lax.dot_general(x, self.embedding[...], (((x.ndim - 1,), (1,)), ((), ())))
+        """Tied output head: float32 logits against the embedding table, contracting its last
+        axis directly (``x @ E.T`` would ask XLA for a transposed copy of the whole table)."""
+        e = self.embedding[...]
+        return jax.lax.dot_general(x, e.astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32)
 
 
 class LayerNorm(nnx.Module):

@@ -8,10 +8,12 @@ embeddings with image features scattered in) and after them (final norm and head
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ..config import LlavaConfig
+from .anyres import AnyresPixels, gather_features
 from .decoder import LanguageModel
 from .layers import Linear
 from .rope import inverse_frequencies, rope_angles
@@ -28,6 +30,9 @@ class Llava(nnx.Module):
             self.multi_modal_projector = Projector(cfg, dtype=dtype, rngs=rngs)
         else:
             self.vision_tower = self.multi_modal_projector = None
+        if cfg.anyres:  # LLaVA-NeXT: the learned embedding after every row of an image's tile grid
+            d = cfg.text.hidden_size
+            self.image_newline = nnx.Param((jax.random.normal(rngs.params(), (d,)) / d**0.5).astype(dtype))
         self.language_model = LanguageModel(cfg.text, dtype=dtype, rngs=rngs)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
@@ -41,7 +46,8 @@ class Llava(nnx.Module):
         return list(self.language_model.layers)
 
     def image_features(self, pixel_values, *, loop: str = "scan"):
-        """Projected image features [N, tokens_per_image, hidden] for ``pixel_values`` [N, C, H, W]."""
+        """Projected image features [N, tokens_per_image, hidden] for ``pixel_values`` [N, C, H, W]
+        (for LLaVA-NeXT: per view, base or tile)."""
         hs = self.vision_tower(pixel_values, self.cfg.feature_layers, loop=loop)
         if self.cfg.vision_feature_select_strategy == "default":
             hs = [h[:, 1:] for h in hs]
@@ -52,12 +58,19 @@ class Llava(nnx.Module):
 
         Like HF's ``masked_scatter``: the k-th image token of the batch (row-major) receives the
         k-th feature row. Extra (padding) features are ignored, so image counts can be bucketed.
+        ``pixel_values``: [N, C, H, W] (LLaVA-1.5), or for LLaVA-NeXT an
+        :class:`~qcache_jax.nn.anyres.AnyresPixels` (views and the host-computed packing index:
+        base view, unpadded tiles and ``image_newline`` rows in HF's order).
         """
         emb = self.language_model.embed_tokens(input_ids)
         if pixel_values is None:
             return emb
-        feats = self.image_features(pixel_values, loop=loop).astype(emb.dtype)
-        feats = feats.reshape(-1, feats.shape[-1])
+        if isinstance(pixel_values, AnyresPixels):
+            views = self.image_features(pixel_values.views, loop=loop)
+            feats = gather_features(views, self.image_newline[...], pixel_values.index).astype(emb.dtype)
+        else:
+            feats = self.image_features(pixel_values, loop=loop).astype(emb.dtype)
+            feats = feats.reshape(-1, feats.shape[-1])
         is_img = input_ids == self.cfg.image_token_id
         idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
         return jnp.where(is_img[..., None], feats[idx], emb)

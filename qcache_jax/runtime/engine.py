@@ -25,6 +25,7 @@ from ..errors import QCacheError
 from ..lazy.attention import LazyAttention
 from ..lazy.cache import CacheLayout, DecodingState, layout_kv_bytes
 from ..lazy.schedule import Schedule
+from ..nn import anyres
 from . import forward
 from .sampling import sample
 
@@ -67,13 +68,14 @@ class Plan:
     layout: CacheLayout
     prefill_batch: int  # rows the prefill computes (<= layout.batch: cache rows beyond it idle)
     prompt_len: int  # T: padded prompt length
-    n_images: int  # padded image count of the batch
+    n_images: int  # padded image count of the batch (LLaVA-NeXT: padded view count, base views + tiles)
     max_new: int  # token buffer size (a bucket of max_new_tokens)
     attn: LazyAttention
     eos: tuple[int, ...]
     pad_id: int
     keep_logits: bool = False  # also return each emitted token's logits [B, max_new, V]
     loop: str = "unroll"
+    n_image_tokens: int = 0  # LLaVA-NeXT: padded image-token count of the batch (the packing index)
 
     @property
     def schedule(self) -> Schedule:
@@ -256,10 +258,21 @@ class Engine:
                 f"prompt of {n_prompt} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
                 f"{context} tokens{hint} (raise the limit with --max-context / max_context= at your own risk)"
             )
-        per_image = cfg.image_tokens_per_image
-        n_text = max(len(p) - k * per_image for p, k in zip(prompts, n_images_per_row))
-        imgs_per_row = max(n_images_per_row)
-        image_len = (pow2(imgs_per_row) if imgs_per_row else 0) * per_image
+        n_images = pow2(sum(n_images_per_row)) if any(n_images_per_row) else 0
+        n_image_tokens = 0
+        if cfg.anyres:
+            # LLaVA-NeXT: an image's token count depends on its size, so rows differ; the visual
+            # segment is bucketed on the longest row, the views on the image count.
+            vis = [sum(1 for t in p if t == cfg.image_token_id) for p in prompts]
+            n_text = max(len(p) - v for p, v in zip(prompts, vis))
+            image_len = bucket(max(vis)) if max(vis) else 0
+            n_image_tokens = bucket(sum(vis)) if sum(vis) else 0
+            n_images *= anyres.max_views(cfg)
+        else:
+            per_image = cfg.image_tokens_per_image
+            n_text = max(len(p) - k * per_image for p, k in zip(prompts, n_images_per_row))
+            imgs_per_row = max(n_images_per_row)
+            image_len = (pow2(imgs_per_row) if imgs_per_row else 0) * per_image
         text_len = bucket(n_text) + bucket(max_new_tokens)
         if cache_len is not None:
             # An explicit capacity (tokens per row, both segments) is exact, and a hard limit.
@@ -271,13 +284,14 @@ class Engine:
             layout=layout,
             prefill_batch=pow2(len(prompts)) if len(prompts) <= 8 else layout.batch,
             prompt_len=bucket(n_prompt),
-            n_images=pow2(sum(n_images_per_row)) if any(n_images_per_row) else 0,
+            n_images=n_images,
             max_new=pow2(max(max_new_tokens, 16)),
             attn=LazyAttention(mode=schedule.mode, impl=self.attention_impl, reuse_probs=reuse_probs),
             eos=tuple(eos),
             pad_id=pad_id,
             keep_logits=keep_logits,
             loop=loop,
+            n_image_tokens=n_image_tokens,
         )
 
     def kv_bytes(self, plan: Plan) -> tuple[int, int]:
@@ -291,6 +305,8 @@ class Engine:
         if plan.n_images:
             v = self.cfg.vision
             pv = jax.ShapeDtypeStruct((plan.n_images, v.num_channels, v.image_size, v.image_size), jnp.float32)
+            if self.cfg.anyres:
+                pv = anyres.AnyresPixels(pv, jax.ShapeDtypeStruct((plan.n_image_tokens,), jnp.int32))
         ids = jax.ShapeDtypeStruct((b, plan.prompt_len), jnp.int32)
         return ids, jax.ShapeDtypeStruct((b,), jnp.int32), pv
 
@@ -335,7 +351,9 @@ class Engine:
             ids[i, : len(p)] = p
             lens[i] = len(p)
         pv = None
-        if plan.n_images:
+        if plan.n_images and self.cfg.anyres:  # a host AnyresPixels: pad views and index to the plan
+            pv = jax.tree.map(jnp.asarray, anyres.pad(pixel_values, plan.n_images, plan.n_image_tokens))
+        elif plan.n_images:
             pv = np.zeros((plan.n_images, *pixel_values.shape[1:]), np.float32)
             pv[: len(pixel_values)] = pixel_values
             pv = jnp.asarray(pv)

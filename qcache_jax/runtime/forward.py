@@ -17,9 +17,14 @@ from ..lazy.schedule import Schedule
 from ..lazy.stack import run_layers
 
 
-def _sequence_pass(model, input_ids, valid, *, probe_rows=None, img_idx=None, txt_idx=None, text_len=0):
+def _sequence_pass(model, input_ids, valid, *, positions=None, segments=None, probe_rows=None, img_idx=None,
+                   txt_idx=None, text_len=0):
     b, t = input_ids.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if positions is None:
+        positions = jnp.arange(t, dtype=jnp.int32)
+    positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
+    if segments is not None:
+        segments = jnp.broadcast_to(segments, (b, t)).astype(jnp.int32)
     cos, sin = model.rope(positions)
     return SequencePass(
         cos=cos,
@@ -27,6 +32,7 @@ def _sequence_pass(model, input_ids, valid, *, probe_rows=None, img_idx=None, tx
         positions=positions,
         valid=valid,
         vis=model.is_image(input_ids) & valid,
+        segments=segments,
         probe_rows=probe_rows,
         img_idx=img_idx,
         txt_idx=txt_idx,
@@ -34,19 +40,22 @@ def _sequence_pass(model, input_ids, valid, *, probe_rows=None, img_idx=None, tx
     )
 
 
-def hidden_states(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan"):
+def hidden_states(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan",
+                  positions=None, segments=None):
     """Final hidden states [B, T, hidden] (before the final norm) of a full-sequence pass.
 
     ``lazy``: a :class:`Schedule`, a traced bool array [L] (a scanned mask; training passes
     it as an argument so a new schedule does not recompile), or None (dense). Positions are
-    ``arange(T)``; ``attention_mask`` masks keys, as HF's forward without a cache.
+    ``arange(T)`` unless given ([T] or [B, T]); ``attention_mask`` masks keys, as HF's forward
+    without a cache; ``segments`` ([T] or [B, T]) packs several sequences after a shared prefix
+    (segment 0) into one row, each position its own sequence's (see :class:`SequencePass`).
     """
     b, t = input_ids.shape
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     h = model.embed(input_ids, pixel_values, loop=loop)
     if lazy is None:
         lazy = Schedule.dense(model.cfg.text.num_layers)
-    ctx = _sequence_pass(model, input_ids, valid)
+    ctx = _sequence_pass(model, input_ids, valid, positions=positions, segments=segments)
     return run_layers(model.layers, h, ctx, attn=attn, lazy=lazy, cfg=model.cfg.text, loop=loop).h
 
 
