@@ -1,1 +1,1 @@
-"""Benchmark scripts: `python -m benchmarks.run` writes BENCHMARKS.md and benchmarks/plots/."""
+"""Benchmark scripts: `python -m benchmarks.run` writes BENCHMARKS.md and its raw results, benchmarks/results.json."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,9 +91,34 @@ class QCacheModel:
                  log: Callable[[str], None] | None = None):
         self.config, self.params, self.path = config, params, path
         self.graphdef, _ = abstract_model(config)
-        self.tokenizer, self.processor = tokenizer, processor
+        # Given objects, or loaded from the checkpoint on first use: loading them imports
+        # transformers (and with it torch, when installed), which a run on token ids never needs.
+        self._helpers = {"tokenizer": tokenizer, "processor": processor}
         self.log = log
         self._engines: dict = {}
+
+    def _helper(self, kind: str):
+        if self._helpers[kind] is None and self.path is not None and (kind == "tokenizer" or self.config.has_vision):
+            self._helpers[kind] = _load_hf_helper(kind, self.path) or False
+        return self._helpers[kind] or None
+
+    @property
+    def tokenizer(self):
+        """The checkpoint's Hugging Face tokenizer (None if it has none); loaded on first use."""
+        return self._helper("tokenizer")
+
+    @tokenizer.setter
+    def tokenizer(self, value):
+        self._helpers["tokenizer"] = value
+
+    @property
+    def processor(self):
+        """The checkpoint's Hugging Face processor (None if it has none); loaded on first use."""
+        return self._helper("processor")
+
+    @processor.setter
+    def processor(self, value):
+        self._helpers["processor"] = value
 
     @property
     def num_layers(self) -> int:
@@ -302,7 +328,6 @@ class QCacheModel:
         sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
         out = engine.generate(prompts, pv, plan, sampling)
         return GenerateResult(
-            text=[self.detokenize(t) for t in out.token_ids],
             token_ids=out.token_ids,
             prompt_token_ids=prompts,
             kv_cache_bytes=out.kv_cache_bytes,
@@ -314,6 +339,7 @@ class QCacheModel:
             mode=schedule.label,
             schedule=schedule,
             logits=out.logits,
+            detokenize=self.detokenize,
         )
 
     def stream(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
@@ -481,9 +507,9 @@ class QCacheModel:
 class GenerateResult:
     """What :meth:`QCacheModel.generate` returns: one entry per prompt in ``text``, ``token_ids``
     (generated, EOS included when hit) and ``prompt_token_ids``; sizes in bytes; times in s.
-    ``mode`` is ``dense``, ``gla`` or ``vla``."""
+    ``mode`` is ``dense``, ``gla`` or ``vla``. ``text`` is detokenized on first access (None
+    entries without a tokenizer)."""
 
-    text: list
     token_ids: list
     prompt_token_ids: list
     kv_cache_bytes: int
@@ -495,6 +521,12 @@ class GenerateResult:
     mode: str
     schedule: Schedule | None = None
     logits: list | None = None  # with return_logits: per prompt, [n_generated, V] float32
+    detokenize: Callable | None = dataclasses.field(default=None, repr=False)
+
+    @functools.cached_property
+    def text(self) -> list:
+        """The generated text per prompt (special tokens skipped)."""
+        return [self.detokenize(t) if self.detokenize else None for t in self.token_ids]
 
     @property
     def kv_saved_fraction(self) -> float:
@@ -502,7 +534,8 @@ class GenerateResult:
 
     def to_json(self, row: int | None = None) -> dict:
         """A JSON-ready dict; with ``row`` the per-prompt fields are that prompt's."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("logits", "schedule")}
+        skip = ("logits", "schedule", "detokenize")
+        d = {"text": self.text, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}}
         if row is not None:
             for k in ("text", "token_ids", "prompt_token_ids"):
                 d[k] = d[k][row]
@@ -541,11 +574,4 @@ def load(ckpt_dir: str | Path, *, log: Callable[[str], None] | None = None) -> Q
     if log:
         log(f"loading {path} ({cfg.text.num_layers} decoder layers, {cfg.dtype})...")
     params = load_params(path, cfg)
-    return QCacheModel(
-        cfg,
-        params,
-        path=path,
-        tokenizer=_load_hf_helper("tokenizer", path),
-        processor=_load_hf_helper("processor", path) if cfg.has_vision else None,
-        log=log,
-    )
+    return QCacheModel(cfg, params, path=path, log=log)

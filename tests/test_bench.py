@@ -1,203 +1,310 @@
-"""Smoke tests of the benchmark library, `qcache bench` and the BENCHMARKS.md renderer.
-
-Tiny sizes only; these check fields and their consistency, never timings.
-"""
+"""The benchmark harness: the smoke profile end to end, the worker protocol, the bandwidth
+model, and ``qcache bench``'s options. Tiny models only; nothing here asserts a timing."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from qcache_jax.tools import bench
 from qcache_jax.errors import QCacheError
+from qcache_jax.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import run  # noqa: E402
+
+EXPECTED_KEYS = {"meta", "machine", "settings", "bandwidth", "peers", "vs_hf", "lazy", "bandwidth_use", "memory",
+                 "kv_budget", "targets", "runs"}
 
 
-def test_presets_have_realistic_shapes():
-    cfg = bench.preset_config("llava-1.5-7b")
-    t = cfg.text
-    assert (t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.head_dim, t.vocab_size) == (4096, 11008, 32, 32, 128, 32064)
-    assert cfg.image_tokens_per_image == 576
-    assert bench.preset_config("llava-1.5-7b", num_layers=8).text.num_layers == 8
-    from qcache_jax.nn.llava import abstract_model
-
-    n, _ = bench.count_params(abstract_params(bench.preset_config("cpu-300m"))[1])
-    assert 250e6 < n < 350e6
-    assert bench.preset_config("cpu-300m").image_tokens_per_image == 576
-    with pytest.raises(QCacheError):
-        bench.preset_config("gpt-5")
-
-
-@pytest.mark.parametrize("layers", [4, 16, 32])
-@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 0.7])
-def test_lazy_schedule(layers, fraction):
-    s = bench.lazy_schedule(layers, fraction)
-    assert len(s) == layers and not s[0]
-    assert sum(s) == min(round(fraction * layers), layers - 1)
-
-
-def test_make_inputs_and_errors():
-    cfg = bench.preset_config("tiny")
-    per = cfg.image_tokens_per_image
-    ids, pv = bench.make_inputs(cfg, batch=3, prompt_tokens=5, image_tokens=2 * per)
-    assert ids.shape == (3, 1 + 2 * per + 5)
-    assert (ids == cfg.image_token_id).sum() == 3 * 2 * per and pv.shape[0] == 6
-    ids, pv = bench.make_inputs(cfg, batch=1, prompt_tokens=5, image_tokens=0)
-    assert pv is None and (ids != cfg.image_token_id).all()
-    with pytest.raises(QCacheError, match="multiple"):
-        bench.make_inputs(cfg, batch=1, prompt_tokens=5, image_tokens=per + 1)
-
-
-@pytest.mark.parametrize("mode", ["gla", "vla"])
-def test_max_batch_from_cache_shapes(mode):
-    cfg = bench.preset_config("llava-1.5-7b", dtype="float16")
-    L = cfg.text.num_layers
-    sched = bench.lazy_schedule(L, 0.5)
-    per, dense_per = bench.kv_bytes_per_row(cfg, image_tokens=576, text_tokens=128, lazy=sched, mode=mode)
-    assert dense_per == 2 * L * (576 + 128) * 32 * 128 * 2
-    saved = sum(sched) / (2 * L) * (1.0 if mode == "gla" else 576 / (576 + 128))
-    assert per / dense_per == pytest.approx(1 - saved)
-    m = bench.max_batch(cfg, 80 * 2**30, image_tokens=576, text_tokens=128, lazy=sched, mode=mode)
-    d = bench.max_batch(cfg, 80 * 2**30, image_tokens=576, text_tokens=128, lazy=(False,) * L, mode=mode)
-    assert m["rows"] >= d["rows"] > 0
-    assert m["weights_bytes"] + m["rows"] * m["kv_bytes_per_row"] <= 80 * 2**30 < m["weights_bytes"] + (m["rows"] + 1) * m["kv_bytes_per_row"]
-    assert m["engine_batch"] <= m["rows"] < 2 * m["engine_batch"]
-
-
-def test_capacity_helpers():
-    cfg = bench.preset_config("cpu-300m")
-    assert bench.image_capacity(cfg, 2880) == 8 * 576  # 5 images -> bucket of 8
-    assert bench.image_capacity(cfg, 1152) == 1152 and bench.image_capacity(cfg, 0) == 0
-    assert bench.bucket_text(32, 16) == 64 + 16
+@pytest.fixture(scope="session")
+def cache_dir():
+    """The benchmark models' cache ($QCACHE_BENCH_CACHE or ~/.cache/qcache-jax/bench): the
+    tiny models are built once (atomically) and reused by later sessions."""
+    return bench.cache_root()
 
 
 @pytest.fixture(scope="module")
-def tiny2():
-    """The model `qcache bench random:tiny:2` uses (cached there with its executables)."""
-    from qcache_jax.bench_cli import bench_config
-
-    return bench_config("random:tiny:2")[1](0)
-
-
-def _parser():
-    from qcache_jax.bench_cli import register
-
-    p = argparse.ArgumentParser(prog="qcache")
-    register(p.add_subparsers(dest="command", required=True))
-    return p
+def smoke(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("smoke") / "BENCHMARKS.md"
+    assert run.main(["--profile", "smoke", "--out", str(out), "--cache-dir", str(cache_dir)]) == 0
+    return out.read_text(), json.loads(out.with_suffix(".json").read_text())
 
 
-def test_cli_json_fields_consistent(capsys, tiny2):
-    args = _parser().parse_args(
-        ["bench", "random:tiny:2", "--batch", "2", "--prompt-tokens", "3", "--image-tokens", "16", "--new-tokens", "3",
-         "--lazy", "1", "--mode", "gla", "--repeats", "1", "--json"]
-    )
-    assert args.func(args) == 0
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1
-    rep = json.loads(out[0])
-    for k in ("jax_version", "backend", "device", "runs", "speedup", "kv_saved_fraction"):
-        assert k in rep
+# -- parsing the generated markdown back ----------------------------------------------------------
+
+
+def tables(md: str) -> dict[str, list[dict]]:
+    """Every table under each ``## `` heading, as lists of {column: cell}."""
+    out, section, lines = {}, None, md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("## "):
+            section = line[3:]
+        if line.startswith("| ") and i + 1 < len(lines) and lines[i + 1].startswith("|---"):
+            head = [c.strip() for c in line.strip("|").split("|")]
+            rows = []
+            i += 2
+            while i < len(lines) and lines[i].startswith("| "):
+                rows.append(dict(zip(head, [c.strip() for c in lines[i].strip("|").split("|")])))
+                i += 1
+            out.setdefault(section, []).append(rows)
+            continue
+        i += 1
+    return out
+
+
+def num(cell: str) -> float:
+    return float(cell.rstrip("x%").replace(",", ""))
+
+
+def section(t, prefix):
+    found = [v for k, v in t.items() if k.startswith(prefix)]
+    assert found, prefix
+    return found[0]
+
+
+def check_ratio(shown_ratio: str, a: str, b: str):
+    """A ratio printed with 2 decimals equals a / b of the printed medians (to its rounding)."""
+    assert num(shown_ratio) == pytest.approx(num(a) / num(b), abs=0.0051), (shown_ratio, a, b)
+
+
+def test_smoke_ratios_are_the_ratios_of_the_printed_medians(smoke):
+    md, res = smoke
+    t = tables(md)
+    assert "## Targets" in md and res["machine"]["cpu"] in md
+    if res["machine"]["commit"]:
+        assert res["machine"]["commit"][:12] in md
+
+    peers, speedups = section(t, "Peers")
+    by = {r["engine"]: r for r in peers}
+    ours = by["qcache-jax (ours)"]
+    others = ["Hugging Face generate (sdpa)"]
+    if bench.llama_cpp_available():  # then the text model also ran in llama.cpp, from an F32 GGUF
+        others.append("llama.cpp")
+    else:
+        assert by["llama.cpp"]["prefill b1 s"] == "not installed"
+    for name in others:
+        row = next(r for r in speedups if name in r["speedup (from the table above)"])
+        for b in res["settings"]["text"]["batches"]:
+            check_ratio(row[f"prefill b{b}"], by[name][f"prefill b{b} s"], ours[f"prefill b{b} s"])
+            check_ratio(row[f"decode b{b}"], ours[f"decode b{b} tok/s"], by[name][f"decode b{b} tok/s"])
+            assert row[f"same tokens b{b}"] == "yes"  # the same weights, greedy
+
+    (vs,) = section(t, "Ours (dense) against Hugging Face")
+    assert len(vs) == len(res["settings"]["text"]["batches"]) + len(res["settings"]["vision"]["batches"])
+    for r in vs:
+        check_ratio(r["prefill speedup"], r["HF prefill s"], r["ours prefill s"])
+        check_ratio(r["decode speedup"], r["ours decode tok/s"], r["HF decode tok/s"])
+
+    (lazy,) = section(t, "Lazy attention")
+    assert {r["config"] for r in lazy} == {"dense", "GLA 0.5", "VLA 0.5"}
+    for r in lazy:
+        dense = next(d for d in lazy if d["config"] == "dense" and d["batch"] == r["batch"])
+        check_ratio(r["lazy/dense"], r["decode tok/s"], dense["decode tok/s"])
+        assert r["model"].endswith("x") and (r["flag"] == "") == (num(r["lazy/dense"]) <= 1.1 * num(r["model"]))
+    gla = next(r for r in lazy if r["config"] == "GLA 0.5")
+    assert num(gla["KV saved"]) == pytest.approx(25.0)  # 2 of 4 layers keep no keys: 2 / (2 * 4)
+
+    (bw,) = section(t, "Decode against the read bandwidth")
+    bandwidth = num(re.search(r"the measured ([\d.]+) GB/s", md).group(1))
+    for r in bw:
+        assert num(r["% of bandwidth"]) == pytest.approx(100 * num(r["GB/s"]) / bandwidth, abs=0.51)
+
+    (mem,) = section(t, "Peak resident memory")
+    for r in mem:
+        check_ratio(r["factor"], r["peak RSS MiB"], str(num(r["weights MiB"]) + num(r["KV MiB"])))
+        assert num(r["peak RSS MiB"]) > 0
+
+    (budget,) = section(t, "Throughput under a fixed KV-cache budget")
+    assert [r["config"] for r in budget] == ["dense", "GLA 0.5", "VLA 0.5"]
+    dense = budget[0]
+    budget_mib = res["settings"]["budget"]["budget_bytes"] / 2**20
+    for r in budget:
+        check_ratio(r["vs dense"], r["tokens/s (wall)"], dense["tokens/s (wall)"])
+        assert num(r["KV cache MiB"]) <= budget_mib
+    # GLA keeps no keys in half its layers, so twice the rows fit this budget.
+    assert int(budget[1]["batch"]) == 2 * int(dense["batch"])
+
+    (targets,) = section(t, "Targets")
+    assert {r["status"] for r in targets} <= {"met", "missed", "n/a"}
+
+
+def test_smoke_results_json(smoke):
+    md, res = smoke
+    assert set(res) == EXPECTED_KEYS == set(run.RESULT_KEYS)
+    assert res["meta"]["command"].startswith("python -m benchmarks.run --profile smoke")
+    assert res["settings"]["profile"] == "smoke" and res["settings"]["rounds"] >= 1
+    for key, r in res["runs"].items():
+        assert len(r["per_round"]["decode_tokens_per_second"]) == r["rounds"], key
+        assert r["decode_tokens_per_second"] == pytest.approx(np.median(r["per_round"]["decode_tokens_per_second"]))
+        assert r["peak_rss_bytes"] > 0
+    # Same weights, greedy: our dense tokens equal Hugging Face's.
+    assert all(r["same_tokens"] for r in res["vs_hf"])
+    assert run.render(res) == md  # the markdown is a function of the results alone
+
+
+# -- the worker protocol ----------------------------------------------------------------------------
+
+
+def test_worker_protocol_reports_times_rss_and_errors():
+    req = dict(batch=2, prompt_tokens=3, image_tokens=16, new_tokens=3, seed=0)
+    with bench.Worker("ours", "random:tiny:2", threads=1) as w:
+        assert w.info["ok"] and w.info["threads"] == 1 and w.info["weights_bytes"] > 0
+        dense = w.request("run", **req)
+        lazy = w.request("run", **req, lazy=[False, True], mode="gla")
+        with pytest.raises(QCacheError, match="no command"):
+            w.request("nonsense")
+        with pytest.raises(QCacheError, match="multiple"):
+            w.request("run", **dict(req, image_tokens=5))
+        again = w.request("run", **req)  # the worker survives errors
+        plan = w.request("plan", **req)
+        bw = w.request("bandwidth", gib=1 / 64, repeats=2)
+    for r in (dense, lazy, again):
+        assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0 and r["peak_reset"]
+        assert r["prefill_seconds"] > 0 and r["decode_tokens_per_second"] > 0
+        assert r["decode_tokens"] == 2 * (3 - 1) and [len(t) for t in r["token_ids"]] == [3, 3]
+    assert dense["compile_seconds"] > 0 and again["compile_seconds"] == 0
+    assert again["token_ids"] == dense["token_ids"]
+    assert lazy["mode"] == "gla" and lazy["lazy_layers"] == [1]
+    assert lazy["kv_cache_bytes"] == 0.75 * dense["kv_cache_bytes"]
+    assert plan["step_bytes"] == dense["step_bytes"] and plan["kv_cache_bytes"] == dense["kv_cache_bytes"]
+    assert bw["bytes"] == 2**24 and len(bw["seconds"]) == 2
+
+
+def test_worker_startup_error_is_one_line():
+    with pytest.raises(QCacheError, match="PRESET"):
+        bench.Worker("ours", "random:nope", threads=1)
+
+
+# -- the bandwidth model ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["dense", "gla", "vla"])
+def test_step_bytes_matches_a_hand_count(mode):
+    from qcache_jax.lazy.cache import CacheLayout
+    from qcache_jax.lazy.schedule import Schedule
+
+    cfg = bench.preset_config("tiny")  # hidden 64, MLP 128, 4 layers, 4 heads / 2 KV heads of 16, vocab 256
+    sched = Schedule.dense(4) if mode == "dense" else Schedule.from_layers([1, 3], 4, mode)
+    rows, img, txt = 2, 16, 32
+    got = bench.step_bytes(cfg, CacheLayout(batch=rows, image_len=img, text_len=txt, schedule=sched))
+    q, k, v, o = 64 * 64, 64 * 32, 64 * 32, 64 * 64
+    mlp, norms = 3 * 64 * 128, 2 * 64
+    layer = q + k + v + o + mlp + norms
+    gla_layer = layer - q - k  # a GLA lazy layer uses its anchor's queries and keys
+    head = 64 + 64 * 256 + rows * 64  # final norm, lm_head, one embedding row per cache row
+    n_gla = 2 if mode == "gla" else 0
+    weights = 4 * ((4 - n_gla) * layer + n_gla * gla_layer + head)
+    seg = rows * 2 * 16 * 4  # bytes per cached token of one K or V array: rows x KV heads x head dim x 4
+    dense_layer_kv = 2 * (img + txt) * seg  # K and V, both segments
+    lazy_kv = {"dense": dense_layer_kv, "gla": (img + txt) * seg, "vla": dense_layer_kv}[mode]
+    kv = 2 * dense_layer_kv + 2 * lazy_kv
+    assert got == {"weights_bytes": weights, "kv_bytes": kv, "bytes": weights + kv}
+
+
+def test_presets_and_schedules():
+    from qcache_jax.nn.llava import abstract_model
+
+    n, _ = bench.count_params(abstract_model(bench.preset_config("cpu-300m"))[1])
+    assert 250e6 < n < 350e6 and bench.preset_config("cpu-300m").image_tokens_per_image == 576
+    assert bench.preset_config("tiny-text").has_vision is False
+    for layers in (4, 16, 30):
+        for f in (0.25, 0.5, 0.7):
+            s = bench.lazy_schedule(layers, f, "vla")
+            assert not s.lazy[0] and s.n_lazy == round(f * layers) and s.mode == "vla"
+    with pytest.raises(QCacheError):
+        bench.preset_config("gpt-5")
+    ids, pv = bench.make_inputs(bench.preset_config("tiny"), batch=3, prompt_tokens=5, image_tokens=32)
+    assert ids.shape == (3, 38) and pv.shape[0] == 6
+    with pytest.raises(QCacheError, match="text-only"):
+        bench.make_inputs(bench.preset_config("tiny-text"), batch=1, prompt_tokens=5, image_tokens=16)
+
+
+def test_f32_gguf_holds_the_checkpoint_weights(cache_dir, tmp_path):
+    """The llama.cpp GGUF is written from our checkpoint: reading it back gives the same tensors."""
+    from qcache_jax.io.checkpoint import load_params, read_config
+    from qcache_jax.io.export import hf_tensors
+    from qcache_jax.io.gguf import GGUFSource
+
+    files = bench.prepare("tiny-text", cache_dir=cache_dir)
+    src = GGUFSource(bench.write_f32_gguf(files.ckpt, tmp_path / "m.gguf"))
+    cfg = read_config(files.ckpt)
+    ref = hf_tensors(cfg, load_params(files.ckpt, cfg))
+    assert set(src.keys()) == set(ref)
+    for k in ref:
+        assert src.tensor_type(k) == "F32"
+        np.testing.assert_array_equal(src.get(k), ref[k])
+
+
+# -- qcache bench ---------------------------------------------------------------------------------------
+
+
+def _main(argv, capsys):
+    from qcache_jax.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr()
+
+
+def test_cli_json_fields(capsys):
+    code, out = _main(["bench", "random:tiny:2", "--batch", "2", "--prompt-tokens", "3", "--new-tokens", "3",
+                       "--lazy", "1", "--mode", "gla", "--repeats", "1", "--threads", "1", "--json"], capsys)
+    assert code == 0
+    lines = out.out.strip().splitlines()
+    assert len(lines) == 1
+    rep = json.loads(lines[0])
     dense, lazy = rep["runs"]
-    assert dense["mode"] == "dense" and lazy["mode"] == "gla" and lazy["n_lazy"] == 1
-    assert dense["speedup"] == 1.0 and rep["speedup"] == lazy["speedup"] > 0
-    assert dense["kv_cache_bytes"] == dense["dense_kv_cache_bytes"] == lazy["dense_kv_cache_bytes"]
-    assert lazy["kv_saved_fraction"] == pytest.approx(1 / 4)  # GLA: n_lazy / (2L)
-    assert lazy["kv_cache_bytes"] == pytest.approx(0.75 * dense["kv_cache_bytes"])
-    for r in (dense, lazy):
-        assert r["batch"] == 2 and r["image_tokens"] == 16 and r["new_tokens"] == 3
-        assert r["prefill_seconds"] > 0 and r["decode_tokens_per_second"] > 0 and r["compile_seconds"] > 0
+    assert dense["config"] == "dense" and lazy["config"] == "gla" and lazy["lazy_layers"] == [1]
+    assert dense["lazy_over_dense"] == 1.0 and rep["lazy_over_dense"] == lazy["lazy_over_dense"] > 0
+    assert lazy["kv_saved_fraction"] == pytest.approx(0.25) and rep["threads"] == 1
+    assert lazy["model_lazy_over_dense"] > 1.0 == dense["model_lazy_over_dense"]
+    for r in rep["runs"]:
+        assert r["batch"] == 2 and r["image_tokens"] == 16 and r["new_tokens"] == 3 and r["repeats"] == 1
         assert r["decode_ms_per_step"] == pytest.approx(1e3 * 2 / r["decode_tokens_per_second"])
-    from qcache_jax.bench_cli import format_report
+    from qcache_jax.cli.bench import format_report
 
     table = format_report(rep)
-    assert "jax" in table and "| gla |" in table and "| dense |" in table
+    assert "| gla |" in table and "| dense |" in table
 
 
 @pytest.mark.parametrize(
     "argv, msg",
     [
         (["random:nope"], "PRESET"),
+        (["random:tiny:x"], "LAYERS"),
         (["random:tiny:2", "--image-tokens", "5"], "multiple"),
+        (["random:tiny-text", "--image-tokens", "16"], "text-only"),
         (["random:tiny:2", "--lazy", "0"], "layer 0"),
-        (["random:tiny:2", "--new-tokens", "1"], "new-tokens"),
+        (["random:tiny:2", "--lazy", "1", "--mode", "gla", "--new-tokens", "1"], "new-tokens"),
+        (["random:tiny:2", "--batch", "0"], "batch"),
+        (["random:tiny:2", "--threads", "0"], "threads"),
         (["/nonexistent/ckpt"], "no such checkpoint"),
     ],
 )
-def test_cli_user_errors(argv, msg):
-    args = _parser().parse_args(["bench", *argv])
-    with pytest.raises(QCacheError, match=msg):
-        args.func(args)
+def test_cli_user_errors_are_one_line(argv, msg, capsys):
+    code, out = _main(["bench", *argv], capsys)
+    err = out.err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and msg in err[0] and err[0].startswith("qcache bench: error:")
+    assert out.out == ""
 
 
-def test_decode_bench_matches_generate(tiny2):
-    """The decode-only timer feeds the engine's decode the state generate would: same tokens."""
-    per = tiny2.config.image_tokens_per_image
-    sched = bench.lazy_schedule(2, 0.5)
-    # Same sizes as the CLI test: the batch-2 executables are reused from it.
-    db = bench.DecodeBench(tiny2, batch=2, prompt_tokens=3, image_tokens=per, new_tokens=3, lazy=sched, mode="gla")
-    res = bench.compare_decode({"gla": db}, rounds=1)["gla"]
-    ids, pv = bench.make_inputs(tiny2.config, batch=1, prompt_tokens=3, image_tokens=per)
-    ref = tiny2.generate(input_ids=ids, pixel_values=pv, lazy=sched, mode="gla", max_new_tokens=3, eos_token_id=-1)
-    assert db.tokens == ref.token_ids * 2
-    assert res["cache_rows"] == 2 and res["batch"] == 2 and res["speedup"] == 1.0
-    assert res["kv_cache_bytes"] == ref.kv_cache_bytes * 2  # 2 rows vs 1
-    assert res["kv_saved_fraction"] == pytest.approx(ref.kv_saved_fraction)
-    assert res["decode_runs"] == 1 and res["decode_tokens_per_second"] > 0
+def test_cli_help_renders_cleanly(capsys):
+    from qcache_jax.cli import main
 
-
-def test_render_benchmarks_md(tmp_path):
-    """BENCHMARKS.md and the plots from synthetic results: every table and target present."""
-    sys.path.insert(0, str(ROOT))
-    from benchmarks import run
-
-    p = run.PROFILES["cpu"]
-    env = bench.environment()
-    dec = []
-    for img in (576, 2880):
-        for name, n, sp in (("dense", 0, 1.0), ("GLA 0.7", 11, 1.35), ("VLA 0.7", 11, 1.1)):
-            dec.append(dict(name=name, mode=name.split()[0].lower(), n_lazy=n, num_layers=16, batch=4, image_tokens=img,
-                            cache_image_len=img, kv_cache_bytes=100 * 2**20, kv_saved_fraction=n / 32,
-                            decode_tokens_per_second=10.0 * sp, decode_ms_per_step=100 / sp, speedup=sp, compile_seconds=9.0))
-    dec += [dict(dec[-1], name="GLA 0.25", n_lazy=4, speedup=1.1), dict(dec[-1], name="VLA 0.25", mode="vla", n_lazy=4)]
-    dec = [dict(d, lazy_fraction=d["n_lazy"] / 16) for d in dec]
-    hf = dict(batch=1, image_tokens=576, prompt_tokens=32, new_tokens=32, params=286e6, rows=[
-        dict(name="HF PyTorch generate (sdpa)", prefill_seconds=2.0, decode_tokens_per_second=5.0, e2e_tokens_per_second=4.0,
-             decode_vs_hf=1.0, e2e_vs_hf=1.0, prefill_vs_hf=1.0, same_tokens_as_hf=True, compile_seconds=0.0,
-             torch_version="x", torch_threads=2),
-        dict(name="qcache-jax dense", prefill_seconds=1.0, decode_tokens_per_second=9.0, e2e_tokens_per_second=8.0,
-             decode_vs_hf=1.8, e2e_vs_hf=2.0, prefill_vs_hf=2.0, same_tokens_as_hf=True, compile_seconds=9.0),
-    ])
-    mem = run.section_memory(run.PROFILES["smoke"], print)
-    results = dict(decode=dec, hf=hf, memory=mem, kernels="## Attention kernels: cpu\n\nsmoke",
-                   meta=dict(profile="cpu", profile_sizes=p, preset="cpu-300m", dtype="float32", params=286e6, model="m",
-                             command="python -m benchmarks.run", elapsed_seconds=60.0, environment=env))
-    results["meta"]["profile_sizes"] = dict(p, fraction_point=(2880, 4))
-    results["targets"] = run.targets(results, "cpu")
-    assert [t["status"].split()[0] for t in results["targets"]] == ["met", "open", "met"]
-    md = run.render(results)
-    for needle in ("## Targets", "## Decode throughput", "## Lazy fraction sweep", "## Against Hugging Face", "## Largest batch",
-                   "not yet measured on GPU", env["jax_version"], "**1.35x**", "## Attention kernels"):
-        assert needle in md, needle
-    written = run.plots(results, tmp_path)
-    assert set(written) == {"decode_speedup.png", "fraction_sweep.png", "vs_hf.png", "max_batch.png"}
-    assert all((tmp_path / w).stat().st_size > 1000 for w in written)
-
-
-def test_decode_bench_synthetic_state(tiny2):
-    """The synthetic-state decode runs the same shapes: same cache bytes, every row decodes."""
-    per = tiny2.config.image_tokens_per_image
-    sched = bench.lazy_schedule(2, 0.5)
-    kw = dict(batch=2, prompt_tokens=3, image_tokens=per, new_tokens=3, lazy=sched, mode="gla")
-    syn = bench.DecodeBench(tiny2, state="synthetic", **kw)
-    real = bench.DecodeBench(tiny2, **kw)
-    res = bench.compare_decode({"real": real, "synthetic": syn}, rounds=1)
-    assert res["synthetic"]["decode_state"] == "synthetic" and res["real"]["decode_state"] == "prefill"
-    for k in ("kv_cache_bytes", "dense_kv_cache_bytes", "cache_rows", "cache_image_len", "cache_text_len"):
-        assert res["synthetic"][k] == res["real"][k], k
-    assert [len(t) for t in syn.tokens] == [3, 3] and res["synthetic"]["speedup"] > 0
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    text = capsys.readouterr().out
+    assert e.value.code == 0
+    assert text.count("usage:") == 1 and "qcache bench CKPT [" not in text and "``" not in text
+    for opt in ("--batch", "--prompt-tokens", "--image-tokens", "--new-tokens", "--lazy", "--mode", "--json",
+                "--repeats", "--threads"):
+        assert opt in text

@@ -1,155 +1,137 @@
-"""``qcache bench``: time dense and lazy generate on a checkpoint (or a random benchmark model).
+"""``qcache bench``: time dense and lazy generate on a checkpoint or a random benchmark model.
 
-    qcache bench CKPT [--batch B] [--prompt-tokens N] [--image-tokens N] [--new-tokens N]
-                      [--lazy SPEC] [--mode vla|gla] [--json] [--repeats R]
+CKPT is a checkpoint directory, or random:PRESET[:LAYERS] for a model with random weights
+built on the spot (presets: cpu-300m, tiny, tiny-text, llava-1.5-7b). The inputs are
+synthetic: per row BOS, --image-tokens image tokens (whole images, random pixels) and
+--prompt-tokens random text tokens; EOS is disabled, so every row generates --new-tokens
+tokens. The model runs in a worker process pinned to --threads CPUs. With a lazy schedule
+dense runs too, in alternating rounds: lazy/dense is the ratio of the median decode
+tokens/s, printed beside the bandwidth model's prediction (dense bytes read per decode step
+/ lazy bytes read per step). Compile time (the first call) is reported apart.
 
-CKPT is a checkpoint directory, or ``random:PRESET[:LAYERS]`` for a model of realistic shape
-with random weights built locally (presets: ``cpu-300m``, ``llava-1.5-7b``, ``tiny``).
-The inputs are synthetic: per row BOS, ``--image-tokens`` image tokens (a whole number of
-images, random pixels) and ``--prompt-tokens`` random text tokens. EOS is disabled so every
-row generates ``--new-tokens`` tokens. With a lazy schedule the dense model is timed too, in
-alternating rounds, and ``speedup`` is lazy / dense decode tokens/s.
+The full benchmark against Hugging Face and llama.cpp is python -m benchmarks.run.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+from pathlib import Path
 
 from ..errors import QCacheError
+from .common import HelpFormatter, add_lazy_options, positive
 
 
 def register(subparsers) -> None:
     """Add the ``bench`` subcommand to the ``qcache`` argument parser's subparsers."""
     p = subparsers.add_parser(
         "bench", help="time prefill, decode tokens/s and KV cache bytes, dense vs lazy",
-        description=__doc__.split("\n\n", 1)[1], formatter_class=_raw_formatter(),
+        description=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter,
     )
-    p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory, or random:PRESET[:LAYERS] (cpu-300m, llava-1.5-7b, tiny)")
-    p.add_argument("--batch", type=int, default=1, help="rows generated together (default 1)")
-    p.add_argument("--prompt-tokens", type=int, default=32, help="text tokens per prompt besides BOS and images (default 32)")
-    p.add_argument("--image-tokens", type=int, default=None, help="image tokens per row, a multiple of one image's tokens (default: one image)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (default 32)")
-    p.add_argument("--lazy", default="none", metavar="SPEC", help="none | auto | ranges like 3-7,10 | schedule JSON (default none)")
-    p.add_argument("--mode", default="vla", choices=["vla", "gla"], help="lazy attention mode (default vla)")
-    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (and random weights)")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory, or random:PRESET[:LAYERS]")
+    p.add_argument("--batch", type=int, default=1, help="rows generated together")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="random text tokens per row besides BOS and images")
+    p.add_argument("--image-tokens", type=int, default=None,
+                   help="image tokens per row, a multiple of one image's tokens; None = one image (0 for a text-only model)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (>= 2)")
+    add_lazy_options(p)
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up call")
+    p.add_argument("--threads", type=int, default=None, help="CPUs the worker is pinned to and threads it uses; None = every CPU available")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (and of random weights)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run_bench)
 
 
-def _raw_formatter():
-    import argparse
-
-    return argparse.RawDescriptionHelpFormatter
-
-
 def bench_config(ckpt: str):
-    """(config, loader) for a checkpoint directory or ``random:PRESET[:LAYERS]``: the config is
-    read first so that bad options fail before any weights are built or loaded."""
+    """(config, worker model argument, checkpoint dir or None) for CKPT, read without weights,
+    so that bad options fail before anything is loaded."""
     from ..tools import bench
 
     if ckpt.startswith("random:"):
-        parts = ckpt.split(":")
-        if len(parts) not in (2, 3) or parts[1] not in bench.PRESETS:
-            raise QCacheError(f"{ckpt}: expected random:PRESET[:LAYERS] with PRESET one of {', '.join(bench.PRESETS)}")
-        try:
-            layers = int(parts[2]) if len(parts) == 3 else None
-        except ValueError:
-            raise QCacheError(f"{ckpt}: LAYERS must be an integer") from None
-        cfg = bench.preset_config(parts[1], num_layers=layers)
-        return cfg, lambda seed: _random_model(cfg, seed)
-    from pathlib import Path
-
+        preset, layers = bench.parse_random(ckpt)
+        return bench.preset_config(preset, num_layers=layers), ckpt, None
     from ..io.checkpoint import read_config
 
     path = Path(ckpt).expanduser()
     if not path.is_dir():
         raise QCacheError(f"{ckpt}: no such checkpoint directory")
-    from .. import load
-
-    return read_config(path), lambda seed: load(path)
-
-
-@functools.lru_cache(maxsize=2)
-def _random_model(cfg, seed):
-    """Random benchmark models are kept (with their compiled executables) for repeated calls."""
-    from ..tools import bench
-
-    return bench.random_model(cfg, seed=seed)
+    return read_config(path), str(path.absolute()), path
 
 
 def run_bench(args) -> int:
-    from ..tools import bench
     from ..lazy.schedule import Schedule
+    from ..tools import bench
 
-    for name in ("batch", "new_tokens", "repeats"):
-        low = 2 if name == "new_tokens" else 1
-        if getattr(args, name) < low:
-            raise QCacheError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
-    if args.prompt_tokens < 0:
-        raise QCacheError(f"--prompt-tokens must be >= 0, got {args.prompt_tokens}")
-    cfg, loader = bench_config(args.ckpt)
-    image_tokens = cfg.image_tokens_per_image if args.image_tokens is None else args.image_tokens
+    positive("--batch", args.batch)
+    positive("--new-tokens", args.new_tokens, 2)
+    positive("--repeats", args.repeats)
+    positive("--prompt-tokens", args.prompt_tokens, 0)
+    threads = bench.cpu_count() if args.threads is None else args.threads
+    bench.pinned_cpus(threads)
+    cfg, model_arg, ckpt_dir = bench_config(args.ckpt)
+    per = cfg.image_tokens_per_image
+    image_tokens = per if args.image_tokens is None else args.image_tokens
     bench.make_inputs(cfg, batch=1, prompt_tokens=0, image_tokens=image_tokens)  # validates --image-tokens
-    ckpt_dir = None if args.ckpt.startswith("random:") else args.ckpt
-    schedule = sched.resolve(args.lazy, cfg.text.num_layers, ckpt_dir)
-    model = loader(args.seed)
-    configs = {"dense": (None, args.mode)}
-    if any(schedule):
-        configs[args.mode] = (schedule, args.mode)
-    results = bench.measure_many(
-        model, configs, batch=args.batch, prompt_tokens=args.prompt_tokens, image_tokens=image_tokens,
-        new_tokens=args.new_tokens, repeats=args.repeats, seed=args.seed,
-    )
-    report = bench_report(args.ckpt, results)
-    if args.json:
-        print(json.dumps(report))
-    else:
-        print(format_report(report))
+    schedule = Schedule.resolve(args.lazy, cfg.text.num_layers, mode=args.mode, ckpt_dir=ckpt_dir)
+    req = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "image_tokens": image_tokens,
+           "new_tokens": args.new_tokens, "seed": args.seed}
+    configs = {"dense": None}
+    if not schedule.is_dense:
+        configs[schedule.label] = schedule
+    with bench.Worker("ours", model_arg, threads=threads, seed=args.seed) as w:
+        jobs = [bench.Job(name, w, dict(req, lazy=None if s is None else list(s.lazy), mode=None if s is None else s.mode))
+                for name, s in configs.items()]
+        results = {k: bench.summarize(v) for k, v in bench.interleave(jobs, args.repeats).items()}
+    report = bench_report(args.ckpt, results, threads=threads, image_tokens=image_tokens, prompt_tokens=args.prompt_tokens)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
-# Fields of each run in the JSON report (and, in this order, the table's columns).
-RUN_FIELDS = (
-    "mode", "n_lazy", "num_layers", "lazy_layers", "batch", "prompt_tokens", "image_tokens", "new_tokens",
-    "kv_cache_bytes", "dense_kv_cache_bytes", "kv_saved_fraction", "compile_seconds", "prefill_seconds",
-    "decode_tokens_per_second", "decode_ms_per_step", "speedup", "generate_seconds", "repeats",
-)
+def bench_report(ckpt: str, results: dict, *, threads: int, image_tokens: int, prompt_tokens: int) -> dict:
+    """The JSON object ``qcache bench --json`` prints: the machine, one entry per configuration
+    (medians), and the lazy/dense decode ratio beside the bandwidth model's."""
+    from ..tools import bench
 
-
-def bench_report(ckpt: str, results: dict) -> dict:
-    """The JSON object ``qcache bench --json`` prints: environment, one entry per run, and the
-    lazy/dense decode speedup (1.0 when only dense was run)."""
-    from ..tools.bench import environment
-
-    runs = [{k: r[k] for k in RUN_FIELDS} for r in results.values()]
-    lazy = runs[-1]
-    return {
-        "checkpoint": ckpt,
-        **environment(),
-        "runs": runs,
-        "speedup": lazy["speedup"],
-        "kv_saved_fraction": lazy["kv_saved_fraction"],
-    }
+    dense = results["dense"]
+    runs = []
+    for name, r in results.items():
+        tok_s = r["decode_tokens_per_second"]
+        runs.append({
+            "config": name, "mode": r["mode"], "lazy_layers": r["lazy_layers"], "batch": r["batch"],
+            "cache_rows": r["cache_rows"], "prompt_tokens": prompt_tokens, "image_tokens": image_tokens,
+            "new_tokens": r["new_tokens"], "kv_cache_bytes": r["kv_cache_bytes"],
+            "dense_kv_cache_bytes": r["dense_kv_cache_bytes"],
+            "kv_saved_fraction": 1 - r["kv_cache_bytes"] / r["dense_kv_cache_bytes"],
+            "bytes_per_step": r["step_bytes"]["bytes"], "compile_seconds": r["compile_seconds"],
+            "prefill_seconds": r["prefill_seconds"], "decode_tokens_per_second": tok_s,
+            "decode_ms_per_step": 1e3 * r["batch"] / tok_s if tok_s else None,
+            "lazy_over_dense": tok_s / dense["decode_tokens_per_second"] if dense["decode_tokens_per_second"] else None,
+            "model_lazy_over_dense": r["dense_step_bytes"]["bytes"] / r["step_bytes"]["bytes"],
+            "peak_rss_bytes": r["peak_rss_bytes"], "repeats": r["rounds"],
+        })
+    m = bench.machine()
+    return {"checkpoint": ckpt, "threads": threads, "cpu": m["cpu"], "versions": m["versions"], "runs": runs,
+            "lazy_over_dense": runs[-1]["lazy_over_dense"], "model_lazy_over_dense": runs[-1]["model_lazy_over_dense"],
+            "kv_saved_fraction": runs[-1]["kv_saved_fraction"]}
 
 
 def format_report(report: dict) -> str:
     """A markdown table of a :func:`bench_report`."""
+    v = report["versions"]
     lines = [
-        f"qcache bench {report['checkpoint']}  (jax {report['jax_version']}, backend {report['backend']}, "
-        f"device {report['device']}, {report['host']})",
+        f"qcache bench {report['checkpoint']}  ({report['cpu']}, {report['threads']} threads, jax {v['jax']})",
         "",
-        "| mode | lazy layers | batch | image tok | KV cache MiB | KV saved | compile s | prefill s | decode tok/s | ms/step | speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | lazy layers | batch | KV cache MiB | KV saved | MiB read/step | compile s | prefill s | "
+        "decode tok/s | ms/step | lazy/dense | model | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["runs"]:
         lines.append(
-            f"| {r['mode']} | {r['n_lazy']}/{r['num_layers']} | {r['batch']} | {r['image_tokens']} | "
-            f"{r['kv_cache_bytes'] / 2**20:.1f} | {100 * r['kv_saved_fraction']:.1f}% | {r['compile_seconds']:.1f} | "
+            f"| {r['config']} | {len(r['lazy_layers'])} | {r['batch']} | {r['kv_cache_bytes'] / 2**20:.1f} | "
+            f"{100 * r['kv_saved_fraction']:.1f}% | {r['bytes_per_step'] / 2**20:.1f} | {r['compile_seconds']:.1f} | "
             f"{r['prefill_seconds']:.3f} | {r['decode_tokens_per_second']:.1f} | {r['decode_ms_per_step']:.1f} | "
-            f"{r['speedup']:.2f}x |"
+            f"{r['lazy_over_dense']:.2f}x | {r['model_lazy_over_dense']:.2f}x | "
+            f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f} |"
         )
-    lines.append("")
-    lines.append(f"medians of {report['runs'][0]['repeats']} rounds after one compiling warm-up call; speedup = decode tok/s / dense")
+    lines += ["", f"medians of {report['runs'][0]['repeats']} alternating rounds after one compiling warm-up call; "
+                  "lazy/dense: decode tokens/s over dense's; model: dense bytes per decode step / the row's"]
     return "\n".join(lines)

