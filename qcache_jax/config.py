@@ -88,10 +88,20 @@ class LlavaConfig:
     vision_feature_layer: int | tuple[int, ...] = -2
     vision_feature_select_strategy: str = "default"
     dtype: str = "float32"
+    # LLaVA-NeXT ("anyres"): the tile grids an image may be resized to, (height, width) pixels
+    # each, multiples of the vision image_size. None: LLaVA-1.5 (one fixed-size view per image).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
     @property
     def has_vision(self) -> bool:
         return self.vision is not None
+
+    @property
+    def anyres(self) -> bool:
+        """A LLaVA-NeXT model: an image is a base view plus tiles, with a learned
+        ``image_newline``, and its token count depends on its size
+        (:func:`qcache_jax.nn.anyres.image_token_count`)."""
+        return self.image_grid_pinpoints is not None
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
@@ -103,6 +113,8 @@ class LlavaConfig:
 
     @property
     def image_tokens_per_image(self) -> int:
+        """Image tokens of one image (LLaVA-1.5); for LLaVA-NeXT, of one view (the base image
+        or one tile): an image's count depends on its size."""
         if self.vision is None:
             return 0
         # `default` drops CLIP's class token, `full` keeps it.
@@ -124,4 +136,6 @@ class LlavaConfig:
         vfl = d.get("vision_feature_layer", -2)
         d["vision_feature_layer"] = vfl if isinstance(vfl, int) else tuple(vfl)
         vision = d.pop("vision")
+        pinpoints = d.get("image_grid_pinpoints")  # absent from configs written before LLaVA-NeXT
+        d["image_grid_pinpoints"] = None if pinpoints is None else tuple(tuple(int(x) for x in p) for p in pinpoints)
         return cls(vision=None if vision is None else VisionConfig(**vision), text=TextConfig(**text), **d)

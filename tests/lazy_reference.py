@@ -14,8 +14,10 @@ def _np(t):
     return t.detach().double().numpy()
 
 
-def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mask=None):
-    """Logits [B, T, V] of the HF model with layers ``lazy`` inheriting attention (GLA or VLA)."""
+def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mask=None, image_sizes=None):
+    """Logits [B, T, V] of the HF model with layers ``lazy`` inheriting attention (GLA or VLA).
+    ``image_sizes``: for a LLaVA-NeXT model (its image-token positions, base view, tiles and
+    newlines, are the visual positions)."""
     cfg = hf.config.text_config
     ids = torch.tensor(input_ids)
     b, t = ids.shape
@@ -23,6 +25,8 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
         kw = {"input_ids": ids, "output_hidden_states": True}
         if pixel_values is not None:
             kw["pixel_values"] = torch.tensor(pixel_values)
+        if image_sizes is not None:
+            kw["image_sizes"] = torch.tensor(image_sizes)
         h = _np(hf.model(**kw).hidden_states[0])
         pos = torch.arange(t)[None].expand(b, t)
         cos, sin = hf.model.language_model.rotary_emb(torch.zeros(1, dtype=torch.float64), pos)

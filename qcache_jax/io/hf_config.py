@@ -1,7 +1,7 @@
 """``transformers`` configs <-> :class:`~qcache_jax.config.LlavaConfig`, both directions.
 
-:func:`from_hf_config` reads a transformers ``LlavaConfig`` (or a text-only Llama / Mistral /
-Qwen2 config) and refuses, naming the field, anything this project does not implement rather
+:func:`from_hf_config` reads a transformers ``LlavaConfig`` or ``LlavaNextConfig`` (or a
+text-only Llama / Mistral / Qwen2 config) and refuses, naming the field, anything this project does not implement rather
 than converting a model that would then compute something else. :func:`to_hf_config` is the
 one builder of transformers configs: export, the tests' tiny models, the benchmarks' Hugging
 Face peers and the demo models all go through it.
@@ -94,14 +94,15 @@ def text_config_from_hf(tc, *, tie_word_embeddings: bool | None = None) -> TextC
 
 
 def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
-    """A :class:`LlavaConfig` from a transformers ``LlavaConfig``, or from a Llama / Mistral /
-    Qwen2 text config (a text-only model: no vision tower, no image tokens)."""
+    """A :class:`LlavaConfig` from a transformers ``LlavaConfig`` / ``LlavaNextConfig``, or from a
+    Llama / Mistral / Qwen2 text config (a text-only model: no vision tower, no image tokens)."""
     model_type = getattr(hf, "model_type", None)
     if model_type in SUPPORTED_TEXT_TYPES:
         return LlavaConfig(vision=None, text=text_config_from_hf(hf), image_token_id=None, image_seq_length=0, dtype=dtype)
-    if model_type != "llava":
+    if model_type not in ("llava", "llava_next"):
         raise QCacheError(
-            f"unsupported model_type {model_type!r}: supported are 'llava' and text-only {', '.join(SUPPORTED_TEXT_TYPES)}"
+            f"unsupported model_type {model_type!r}: supported are 'llava', 'llava_next' and "
+            f"text-only {', '.join(SUPPORTED_TEXT_TYPES)}"
         )
     vc, tc = hf.vision_config, hf.text_config
     if vc.model_type not in SUPPORTED_VISION_TYPES:
@@ -129,10 +130,12 @@ def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
     for i in (vfl,) if isinstance(vfl, int) else vfl:
         if not -(vision.num_layers + 1) <= i <= vision.num_layers:
             raise QCacheError(f"vision_feature_layer {i} is out of range for {vision.num_layers} vision layers")
+    pinpoints = _pinpoints(hf.image_grid_pinpoints, vision.image_size) if model_type == "llava_next" else None
     return LlavaConfig(
         vision=vision,
         text=text,
         image_token_id=image_token_id,
+        image_grid_pinpoints=pinpoints,
         image_seq_length=int(getattr(hf, "image_seq_length", vision.num_patches)),
         projector_hidden_act=_check_act(hf.projector_hidden_act, "the projector"),
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
@@ -140,6 +143,22 @@ def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
         vision_feature_select_strategy=strategy,
         dtype=dtype,
     )
+
+
+def _pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:
+    """LLaVA-NeXT's ``image_grid_pinpoints`` as a tuple of (height, width), checked: each a
+    positive multiple of the vision ``image_size`` (as transformers' tile grid needs)."""
+    try:
+        out = tuple((int(h), int(w)) for h, w in pinpoints)
+    except (TypeError, ValueError):
+        raise QCacheError(f"image_grid_pinpoints must be a list of [height, width] pairs, got {pinpoints!r}") from None
+    bad = [p for p in out if min(p) < tile or p[0] % tile or p[1] % tile]
+    if not out or bad:
+        raise QCacheError(
+            f"image_grid_pinpoints {[list(p) for p in bad] or '[]'}: every pinpoint must be a multiple of the vision "
+            f"image_size {tile} (whole tiles)"
+        )
+    return out
 
 
 def to_hf_text_config(t: TextConfig, **extra):
@@ -185,10 +204,11 @@ def to_hf_text_config(t: TextConfig, **extra):
 
 
 def to_hf_config(cfg: LlavaConfig, *, text_extra: dict | None = None, vision_extra: dict | None = None):
-    """A transformers ``LlavaConfig`` (or text config, for a text-only model) describing ``cfg``;
+    """A transformers ``LlavaConfig`` (``LlavaNextConfig`` for LLaVA-NeXT; a text config for a
+    text-only model) describing ``cfg``;
     the inverse of :func:`from_hf_config`. ``text_extra`` / ``vision_extra``: HF-only fields
     of the sub-configs (``initializer_range``, ...)."""
-    from transformers import CLIPVisionConfig, LlavaConfig as HFLlavaConfig
+    from transformers import CLIPVisionConfig, LlavaConfig as HFLlavaConfig, LlavaNextConfig
 
     text = to_hf_text_config(cfg.text, **(text_extra or {}))
     if cfg.vision is None:
@@ -208,7 +228,11 @@ def to_hf_config(cfg: LlavaConfig, *, text_extra: dict | None = None, vision_ext
         **(vision_extra or {}),
     )
     vfl = cfg.vision_feature_layer
-    return HFLlavaConfig(
+    cls, extra = HFLlavaConfig, {}
+    if cfg.anyres:
+        cls, extra = LlavaNextConfig, {"image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]}
+    return cls(
+        **extra,
         vision_config=vision,
         text_config=text,
         image_token_index=cfg.image_token_id,

@@ -18,6 +18,7 @@ _CANONICAL = (
     ("model.language_model.", "language_model."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),  # LLaVA-NeXT (Hub llava-hf and saved files: image_newline)
     ("language_model.model.", "language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.vision_model.", "vision_tower."),
@@ -26,13 +27,14 @@ _CANONICAL = (
     ("model.embed_tokens.", "language_model.embed_tokens."),
     ("model.norm.", "language_model.norm."),
 )
-# Canonical prefix -> the name transformers 5 gives the tensor in LlavaForConditionalGeneration
-# (and in a *ForCausalLM for text-only checkpoints).
+# Canonical prefix -> the name transformers 5 gives the tensor in LlavaForConditionalGeneration /
+# LlavaNextForConditionalGeneration (and in a *ForCausalLM for text-only checkpoints).
 _EXPORT = {
     "llava": (
         ("language_model.", "model.language_model."),
         ("vision_tower.", "model.vision_tower.vision_model."),
         ("multi_modal_projector.", "model.multi_modal_projector."),
+        ("image_newline", "model.image_newline"),  # LLaVA-NeXT
     ),
     "causal_lm": (("language_model.", "model."),),
 }
