@@ -45,7 +45,7 @@ from qcache_jax import convert_hf, load
 ckpt = Path(WORKDIR) / ("tiny-llava" if TINY else HUB_ID.replace("/", "--"))
 if not ckpt.exists():
     if TINY:
-        from qcache_jax.testing import build_hf_llava, save_hf
+        from qcache_jax.demo.hf_models import build_hf_llava, save_hf
         src = save_hf(build_hf_llava(seed=0, hidden_size=64, intermediate_size=128, num_layers=8),
                       Path(WORKDIR) / "hf-tiny", with_processor=True)
     else:
@@ -76,7 +76,7 @@ def quickstart():
             "## Generate: dense vs GLA vs VLA\n\nThe same question about a generated picture, three ways."
         ),
         new_code_cell("""\
-from qcache_jax.demo import demo_image
+from qcache_jax.demo.pictures import demo_image
 image = demo_image(size=64, seed=1)
 question = "what color is the circle ?"
 lazy = "2-3,5-7" if TINY else "3-7,9-13,15-19,21-25,27-30"   # about 60-70% of the layers
@@ -92,9 +92,10 @@ for label, r in rows:
 image
 """),
         new_markdown_cell(
-            "## The pytrees\n\nParameters carry Hugging Face's names; decoder layers are stacked on a leading "
-            "layer axis. The decoding state holds one cache entry per layer: a GLA lazy layer has no K arrays at all "
-            "(`None`), and `q_cache` is the Q Cache (the anchor's post-RoPE queries of the last step)."
+            "## The pytrees\n\nParameters carry Hugging Face's names, one array per decoder layer. The decoding "
+            "state holds one cache entry per layer: a GLA lazy layer has no K arrays at all (`None`). The Q Cache "
+            "(the anchor's post-RoPE queries, and what its lazy layers inherit) is not in it: it lives in the layer "
+            "loop's carry during a pass (docs/architecture.md)."
         ),
         new_code_cell("""\
 import jax
@@ -107,12 +108,13 @@ except ImportError:
     print(shapes(model.params["language_model"]))
 """),
         new_code_cell("""\
-from qcache_jax.cache import CacheLayout, init_state, kv_cache_bytes, dense_kv_cache_bytes
+from qcache_jax.lazy.cache import CacheLayout, layout_kv_bytes, state_shapes
 layout = CacheLayout(batch=1, image_len=model.config.image_tokens_per_image, text_len=64,
-                     schedule=model.resolve_lazy(lazy), mode="gla")
-state = jax.eval_shape(lambda: init_state(layout, model.config.text, "float32"))
-print("GLA KV bytes", kv_cache_bytes(state), "of", dense_kv_cache_bytes(layout, model.config.text, "float32"), "dense")
-shapes(state.layers[:4]), shapes(state.q_cache)
+                     schedule=model.resolve_lazy(lazy, "gla"))
+state = state_shapes(layout, model.config.text, "float32")
+kv, dense = layout_kv_bytes(layout, model.config.text, "float32")
+print("GLA KV bytes", kv, "of", dense, "dense")
+shapes(state.layers[:4])
 """),
     ]
     return cells
@@ -133,8 +135,8 @@ def calibration():
         new_code_cell(CONVERT),
         new_code_cell("""\
 # Calibration data: a folder of pictures plus prompts.txt (a JSONL of {"image", "prompt"} works too).
-from qcache_jax.demo import write_calibration_data
-from qcache_jax.calibrate import calibrate, format_table, summary
+from qcache_jax.demo.pictures import write_calibration_data
+from qcache_jax.tools.calibrate import calibrate, format_table, summary
 data = write_calibration_data(Path(WORKDIR) / "calibration", n_images=4)
 result = calibrate(model, data, lazy_fraction=0.6, mode="vla", plot=Path(WORKDIR) / "calibration.png", progress=False)
 print(format_table(result))
@@ -174,18 +176,21 @@ def accelerator_benchmark():
     return [
         new_markdown_cell(
             "# Benchmark on this runtime's accelerator\n\n"
-            "Measures what Lazy Attention buys on whatever JAX runs on here (CPU, GPU or TPU): decode tokens/s and "
-            "KV cache bytes for dense attention, GLA and VLA at several lazy fractions, on a model of realistic shape "
-            "with random weights built locally (LLaVA-1.5-7B dimensions with 8 decoder layers on a GPU or TPU; a "
-            "tiny model on a CPU or under test), and the largest batch that fits a memory budget for LLaVA-1.5-7B. "
-            "Sections that need hardware the runtime lacks say so and are skipped. The full, documented benchmark "
-            "behind BENCHMARKS.md is `python -m benchmarks.run`."
+            "Measures what Lazy Attention buys on whatever JAX runs on here (CPU, GPU or TPU): prefill time, decode "
+            "tokens/s and KV cache bytes for dense attention, GLA and VLA at several lazy fractions, on a model of "
+            "realistic shape with random weights built locally (LLaVA-1.5-7B dimensions with 8 decoder layers on a "
+            "GPU or TPU; a tiny model on a CPU or under test), beside the bandwidth model's prediction; and the "
+            "largest batch that fits a KV-cache budget for LLaVA-1.5-7B, computed from the real cache shapes. The "
+            "full benchmark behind BENCHMARKS.md (interleaved with Hugging Face and llama.cpp, peak memory) is "
+            "`python -m benchmarks.run`."
         ),
         new_code_cell(INSTALL),
         new_code_cell(PARAMS),
         new_code_cell(DEVICES),
         new_code_cell('''\
-from qcache_jax import bench
+import time
+import numpy as np
+from qcache_jax.tools import bench
 backend = jax.default_backend()
 ACCEL = backend in ("gpu", "tpu") and not TINY
 if ACCEL:
@@ -196,41 +201,41 @@ else:
     cfg = bench.preset_config("tiny")
     batch, image_tokens, new_tokens = 2, cfg.image_tokens_per_image, 8
 model = bench.random_model(cfg)
-print(bench.environment())
+ids, pv = bench.make_inputs(cfg, batch=batch, prompt_tokens=32, image_tokens=image_tokens)
 '''),
         new_code_cell('''\
 L = cfg.text.num_layers
-configs = {"dense": (None, "gla")}
+configs = {"dense": None}
 for f in (0.25, 0.5, 0.7):
     for mode in ("gla", "vla"):
-        configs[f"{mode.upper()} {f}"] = (bench.lazy_schedule(L, f), mode)
-results = bench.measure_many(model, configs, batch=batch, prompt_tokens=32, image_tokens=image_tokens,
-                             new_tokens=new_tokens, repeats=2)
-print(f"{'config':<10}{'KV bytes':>12}{'saved':>8}{'decode tok/s':>14}{'vs dense':>10}")
+        configs[f"{mode.upper()} {f}"] = bench.lazy_schedule(L, f, mode)
+results = {}
+for name, schedule in configs.items():
+    kw = dict(input_ids=ids, pixel_values=pv, lazy=schedule, max_new_tokens=new_tokens, eos_token_id=-1)
+    model.generate(**kw)  # compile
+    runs = [model.generate(**kw) for _ in range(3)]
+    r = runs[-1]
+    engine, plan = model.plan(r.prompt_token_ids, [image_tokens // cfg.image_tokens_per_image] * batch,
+                              model.options(lazy=schedule, max_new_tokens=new_tokens))
+    results[name] = dict(tok_s=float(np.median([x.decode_tokens_per_second for x in runs])),
+                         kv=r.kv_cache_bytes, dense=r.dense_kv_cache_bytes,
+                         bytes_per_step=bench.step_bytes(cfg, plan.layout)["bytes"])
+base = results["dense"]
+print(f"{'config':<10}{'KV bytes':>12}{'saved':>8}{'decode tok/s':>14}{'vs dense':>10}{'model':>8}")
 for name, r in results.items():
-    print(f"{name:<10}{r['kv_cache_bytes']:>12}{100 * (1 - r['kv_cache_bytes'] / r['dense_kv_cache_bytes']):>7.1f}%"
-          f"{r['decode_tokens_per_second']:>14.1f}{r['speedup']:>9.2f}x")
+    print(f"{name:<10}{r['kv']:>12}{100 * (1 - r['kv'] / r['dense']):>7.1f}%{r['tok_s']:>14.1f}"
+          f"{r['tok_s'] / base['tok_s']:>9.2f}x{base['bytes_per_step'] / r['bytes_per_step']:>7.2f}x")
 '''),
-        new_code_cell('''\
-import matplotlib.pyplot as plt
-names = list(results)
-fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-ax[0].bar(names, [results[n]["speedup"] for n in names]); ax[0].set_title("decode speed vs dense")
-ax[1].bar(names, [1 - results[n]["kv_cache_bytes"] / results[n]["dense_kv_cache_bytes"] for n in names])
-ax[1].set_title("KV cache saved (fraction)")
-for a in ax:
-    a.tick_params(axis="x", rotation=45)
-fig.tight_layout()
-'''),
-        new_markdown_cell("## Largest batch in a memory budget (LLaVA-1.5-7B, fp16, 80 GiB)\n\n"
+        new_markdown_cell("## Largest batch in a KV-cache budget (LLaVA-1.5-7B, fp16, 64 GiB of cache)\n\n"
                           "Computed from the real cache array shapes (`jax.eval_shape`); nothing is allocated, so "
                           "this runs anywhere."),
         new_code_cell('''\
+from qcache_jax.lazy.cache import CacheLayout, layout_kv_bytes
 big = bench.preset_config("llava-1.5-7b", dtype="float16")
-for name, (lazy, mode) in [("dense", ((False,) * 32, "gla")), ("GLA 0.7", (bench.lazy_schedule(32, 0.7), "gla")),
-                           ("VLA 0.7", (bench.lazy_schedule(32, 0.7), "vla"))]:
-    r = bench.max_batch(big, 80 * 2**30, image_tokens=576, text_tokens=128, lazy=lazy, mode=mode)
-    print(f"{name:<8} rows that fit: {r['rows']}")
+for name, schedule in [("dense", bench.lazy_schedule(32, 0.0)), ("GLA 0.7", bench.lazy_schedule(32, 0.7, "gla")),
+                       ("VLA 0.7", bench.lazy_schedule(32, 0.7, "vla"))]:
+    per_row = layout_kv_bytes(CacheLayout(1, 576, 128, schedule), big.text, "float16")[0]
+    print(f"{name:<8} rows that fit: {64 * 2**30 // per_row}")
 '''),
         new_markdown_cell("## Pallas kernels\n\nOn a GPU or TPU, check the kernels against the reference and time "
                           "them; elsewhere this is skipped."),

