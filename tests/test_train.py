@@ -3,6 +3,7 @@ schedule, and the export round trip matches transformers. Tiny models, a few ste
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +15,7 @@ from qcache_jax.demo import synthetic_vqa as vqa_data
 from qcache_jax.io.export import export_hf
 from qcache_jax.lazy.schedule import SCHEDULE_FILE, Schedule
 from qcache_jax.demo.train_demo import demo_model, synthetic_source, train_demo
-from qcache_jax.tools.train import Batcher, TrainConfig, compiled_steps, fit, graphdef_for, init_params, tune
+from qcache_jax.tools.train import EVERYTHING, Adapters, Batcher, Split, TrainConfig, compiled_steps, fit, graphdef_for, init_params, tune
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2, vision_hidden=32,
             vision_layers=2, vision_heads=4, image_size=32, patch_size=8)
@@ -36,33 +37,78 @@ def test_batch_layout(tiny):
     b = batches[0]
     assert b["input_ids"].shape == (8, 32) and b["pixel_values"].shape == (8, 3, 32, 32)
     assert ((b["input_ids"] == cfg.image_token_id).sum(1) == cfg.image_tokens_per_image).all()
-    # The weighted positions predict the answer tokens then EOS.
+    # The scored positions predict the answer tokens then EOS: each is the token before its target.
     ex = vqa_data.example(0, 0, image_size=32)
-    nxt = np.roll(b["input_ids"][0], -1)[b["weights"][0] > 0]
-    assert processor.tokenizer.decode(nxt[:-1]) == ex.answer and nxt[-1] == processor.tokenizer.eos_token_id
+    m = b["ans_mask"][0, 0] > 0
+    tgt = b["ans_tgt"][0, 0][m]
+    assert processor.tokenizer.decode(tgt[:-1]) == ex.answer and tgt[-1] == processor.tokenizer.eos_token_id
+    pos = b["ans_pos"][0, 0][m]
+    assert (b["input_ids"][0][pos[1:]] == tgt[:-1]).all()
+
+
+def _steps(graphdef, params, tc=TC):
+    split = Split.of(params, EVERYTHING)
+    train, frozen = split.parts(params)
+    state = {"params": train, "adapters": {}}
+    return (*compiled_steps(graphdef, split, tc), state, frozen)
 
 
 def test_one_step_lowers_the_loss(tiny):
     _, cfg, _, graphdef, batches = tiny
     params = init_params(cfg, 0)
-    tx, train_step, eval_step = compiled_steps(graphdef, TC)
-    before = float(eval_step(params, batches[0], None)[0])
-    params, _, m = train_step(params, tx.init(params), batches[0], None, None)
-    after = float(eval_step(params, batches[0], None)[0])
+    tx, train_step, eval_step, state, frozen = _steps(graphdef, params)
+    before = float(eval_step(state, frozen, batches[0], None)[0])
+    state, _, m = train_step(state, tx.init(state), frozen, batches[0], None, None)
+    after = float(eval_step(state, frozen, batches[0], None)[0])
     assert np.isfinite(before) and after < before - 0.01
     assert float(m["loss"]) == pytest.approx(before, rel=1e-5)  # the step reports the loss before the update
+
+
+def test_answer_logits_equal_the_full_forward(tiny):
+    """The training forward (head at the scored positions only) computes the model's logits."""
+    from flax import nnx
+
+    from qcache_jax.runtime.forward import sequence_logits
+    from qcache_jax.lazy.attention import LazyAttention
+    from qcache_jax.tools.train import answer_logits
+
+    _, cfg, _, graphdef, batches = tiny
+    params = init_params(cfg, 2)
+    b = batches[0]
+    got = answer_logits(graphdef, params, b, None, mode="vla", impl="xla_train")
+    full = sequence_logits(nnx.merge(graphdef, params), b["input_ids"], b["pixel_values"], b["attention_mask"],
+                           attn=LazyAttention(impl="xla"))
+    ref = np.take_along_axis(np.asarray(full), b["ans_pos"].reshape(8, -1)[..., None], axis=1)
+    np.testing.assert_allclose(np.asarray(got).reshape(ref.shape), ref, atol=1e-4, rtol=0)
+
+
+def test_adapters_train_and_merge(tiny):
+    """Low-rank adapters start as a no-op, train, and merge into the kernels they adapt."""
+    _, cfg, _, graphdef, batches = tiny
+    params = init_params(cfg, 3)
+    frozen_everything = dataclasses.replace(EVERYTHING, new=())
+    res = fit(graphdef, params, dataclasses.replace(TC, steps=2), lambda s: batches[s], trainable=frozen_everything,
+              adapters=Adapters(rank=2, layers=(1, 2)), progress=False)
+    key = "language_model/layers/1/mlp/up_proj/kernel"
+    ab = res.state["adapters"][key]
+    merged = np.asarray(res.params["language_model"]["layers"][1]["mlp"]["up_proj"]["kernel"])
+    orig = np.asarray(params["language_model"]["layers"][1]["mlp"]["up_proj"]["kernel"])
+    np.testing.assert_allclose(merged, orig + np.asarray(ab["a"]) @ np.asarray(ab["b"]), atol=1e-6)
+    assert np.abs(merged - orig).max() > 0  # it trained
+    untouched = "language_model/layers/0/mlp/up_proj/kernel" not in res.state["adapters"]
+    assert untouched and res.state["params"] == {}
 
 
 def test_resume_gives_identical_next_steps(tiny, tmp_path):
     _, cfg, _, graphdef, batches = tiny
     params = init_params(cfg, 1)
     at = lambda s: batches[s % len(batches)]
-    _, full = fit(graphdef, params, TC, at, progress=False)
-    _, first = fit(graphdef, params, TC, at, work_dir=tmp_path / "w", stop_after=3, progress=False)
-    assert first["end_step"] == 3  # "interrupted" after step 3; the last save was at step 2
-    _, resumed = fit(graphdef, params, TC, at, work_dir=tmp_path / "w", progress=False)
-    assert resumed["start_step"] == 2
-    np.testing.assert_array_equal(resumed["loss"], full["loss"][2:])
+    full = fit(graphdef, params, TC, at, progress=False).history
+    first = fit(graphdef, params, TC, at, work_dir=tmp_path / "w", stop_after=3, progress=False).history
+    assert first["end_step"] == 3  # "interrupted" after step 3; the last save was at step 3
+    resumed = fit(graphdef, params, TC, at, work_dir=tmp_path / "w", progress=False).history
+    assert resumed["start_step"] == 3
+    np.testing.assert_array_equal(resumed["loss"], full["loss"][3:])
     # A different run in the same work directory is refused.
     with pytest.raises(QCacheError, match="other settings"):
         fit(graphdef, params, TrainConfig(steps=5), at, work_dir=tmp_path / "w", progress=False)

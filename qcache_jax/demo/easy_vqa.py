@@ -190,3 +190,17 @@ def to_examples(exs: Sequence[QA], split: str):
 
     paths = image_paths(split)
     return [Example(Image.open(paths[e.image_id]).convert("RGB"), e.question, e.answer, e.kind) for e in exs]
+
+
+def image_labels(exs: Sequence[QA]) -> dict[int, dict[str, str]]:
+    """What the questions reveal about each image: {image id: {"shape": ..., "color": ...}}
+    from the colour and shape questions (a colour question naming the shape reveals both)."""
+    out: dict[int, dict[str, str]] = collections.defaultdict(dict)
+    for e in exs:
+        if e.kind in ("color", "shape"):
+            out[e.image_id][e.kind] = e.answer
+        if e.kind == "color":
+            named = [s for s in SHAPES if s in e.question.split()[-1] or f" {s}" in e.question]
+            if len(named) == 1:
+                out[e.image_id]["shape"] = named[0]
+    return dict(out)

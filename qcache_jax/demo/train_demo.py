@@ -128,10 +128,11 @@ def train_demo(
         log(f"VQA demo model: {n_params / 1e6:.2f}M parameters, {cfg.text.num_layers} decoder layers; "
             f"{tc.steps} steps of batch {tc.batch_size}")
     meta = {"model": {"init_seed": init_seed, **kw}, "val_examples": val_examples}
-    params, history = fit(
+    result = fit(
         graphdef, params, tc, lambda s: batcher(source.at(s)), work_dir=work_dir, val_batches=val_batches,
         progress=progress, stop_after=stop_after, log=log, meta=meta,
     )
+    params, history = result.params, result.history
     if history["end_step"] < tc.steps:
         return None, history
     final_val = history["val"][-1][1] if history["val"] else float("nan")

@@ -16,6 +16,7 @@ punctuation stripped). The yes/no accuracy covers the lines whose answer is ``ye
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -197,3 +198,64 @@ def format_result(res: EvalResult, label: str = "") -> str:
         + (f" [{kinds}]" if kinds else "")
         + f" | lazy layers {lazy} | KV cache saved {100 * res.kv_saved_fraction:.1f}% | {res.seconds:.1f} s"
     )
+
+
+# -- teacher-forced, packed evaluation -------------------------------------------------------------
+
+
+def packed_exact_match(graphdef, params, encoder, groups, layout, schedule, *, rows: int = 32,
+                       progress: bool = False) -> list[bool]:
+    """Exact match of every question in ``groups`` (image, questions) with ``schedule`` (a
+    :class:`~qcache_jax.lazy.schedule.Schedule`): one full-sequence pass per packed batch of
+    ``rows`` images, the head only at the scored positions. Teacher-forced exact match (every
+    answer token and the EOS are the argmax) is what greedy generation answers; tests check
+    both agree. Returns one bool per question, in ``groups`` order."""
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    lazy = None if schedule.is_dense else jnp.asarray(schedule.mask)
+    step = _packed_eval_step(graphdef, schedule.mode)
+    hits = []
+    for i in tqdm(range(0, len(groups), rows), desc="eval", unit="batch", disable=not progress):
+        chunk = list(groups[i : i + rows])
+        n = len(chunk)
+        chunk += [chunk[-1]] * (rows - n)  # one shape for every batch: one compilation
+        b = {k: jnp.asarray(v) for k, v in encoder.batch(chunk, layout).items()}
+        hit = np.asarray(step(params, b, lazy))
+        for r, (_, qs) in enumerate(chunk[:n]):
+            hits.extend(bool(h) for h in hit[r, : len(qs)])
+    return hits
+
+
+@functools.lru_cache(maxsize=4)
+def _packed_eval_step(graphdef, mode: str):
+    import jax
+
+    from .train import answer_logits, answer_stats
+
+    @jax.jit
+    def step(params, batch, lazy):
+        return answer_stats(answer_logits(graphdef, params, batch, lazy, mode=mode, impl="xla"), batch)[1]
+
+    return step
+
+
+def perplexity(model, text: str, *, lazy=None, mode: str | None = None, window: int = 512) -> float:
+    """exp(mean next-token NLL) of ``text`` under ``model`` (a QCacheModel) with a schedule, over
+    consecutive windows of ``window`` tokens (each scored from its own start)."""
+    import jax
+    import numpy as np
+
+    ids = model.tokenizer(text)["input_ids"]
+    if len(ids) < 2:
+        raise QCacheError("the text is too short to score")
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = np.array([ids[start : start + window + 1]])
+        if chunk.shape[1] < 2:
+            break
+        logp = np.asarray(jax.nn.log_softmax(model.logits(chunk[:, :-1], lazy=lazy, mode=mode)[0], axis=-1))
+        nll -= float(np.take_along_axis(logp, chunk[0, 1:, None], -1).sum())
+        count += chunk.shape[1] - 1
+    return float(np.exp(nll / count))

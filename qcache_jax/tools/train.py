@@ -1,21 +1,22 @@
 """Training in this project's Flax model with optax: the training loop and lazy-aware tuning.
 
-* :func:`fit` trains a parameter pytree on a stream of batches (the demo models are trained
-  with it: :mod:`qcache_jax.demo`).
-* :func:`tune` continues training a checkpoint with a lazy schedule switched on (the full-sequence
-  forward is differentiable; the schedule is a traced mask), with the task loss and optionally a
-  KL distillation loss to the dense model's logits, and writes a new checkpoint whose
-  ``schedule.json`` records the schedule, the mode and how it was tuned (``--lazy auto`` reads it).
+What trains is a part of the parameters (:class:`Trainable`: new parts such as a vision tower
+and projector, and optionally pretrained decoder layers fine-tuned at their own learning rate),
+or low-rank adapters on the decoder (:class:`Adapters`); the rest is frozen and, with
+``compute_dtype`` bfloat16, stored in bf16 once. Every step runs the model's own forward, the
+one layer stack (:func:`qcache_jax.runtime.forward.hidden_states`, scanned, with the lazy
+schedule as a traced mask so that a schedule change never recompiles) and applies the output
+head only at the scored positions: the answer tokens and the end-of-turn token after them
+(``ans_pos`` / ``ans_tgt`` / ``ans_mask``, see :mod:`qcache_jax.tools.packing`). The loss is
+their cross-entropy, plus ``distill`` x KL(dense teacher || student) when tuning a lazy
+schedule; accuracy is teacher-forced exact match, which equals greedy generation.
 
-Both run :func:`fit`: a jitted train step (AdamW, linear warmup then cosine decay, global-norm
-clipping), an Orbax ``CheckpointManager`` in a work directory (an interrupted run resumes from
-its last saved step when started again with the same command), and a tqdm bar showing the loss
-and the validation accuracy. The batch of step ``s`` is a pure function of ``(seed, s)``, so a
-resumed run computes exactly what an uninterrupted one would have.
-
-The loss covers the answer tokens and the EOS after them (the prompt is context only). The
-validation accuracy is teacher-forced exact match: every answer token and the EOS are the
-argmax, which for greedy decoding is the same as generating exactly the answer.
+:func:`fit` is the loop: a jitted step (global-norm clipping, AdamW per group with linear
+warmup and cosine decay), an Orbax ``CheckpointManager`` in a work directory (an interrupted
+run started again with the same command resumes from its last saved step; the batch of a step
+is a pure function of the step, so it computes what an uninterrupted run would), and progress
+(tqdm or log lines) with the validation accuracy. :func:`tune` continues a checkpoint with a
+lazy schedule switched on and writes a checkpoint whose ``schedule.json`` records it.
 """
 
 from __future__ import annotations
@@ -38,10 +39,11 @@ from .._files import atomic_output_dir
 from ..config import LlavaConfig
 from ..errors import QCacheError
 from ..io.checkpoint import HF_CONFIG_FILE, save_checkpoint, save_tokenizer_and_processor
+from ..io.names import key_path
 from ..lazy.attention import LazyAttention
 from ..lazy.schedule import SCHEDULE_FILE, Schedule, check_mode
 from ..nn.llava import Llava, abstract_model
-from ..runtime.forward import sequence_logits
+from ..runtime.forward import hidden_states
 from .vqa import Example
 
 TRAIN_STATE_FILE = "train_config.json"
@@ -90,23 +92,142 @@ def init_params(cfg: LlavaConfig, seed: int = 0, *, scheme: str = "fan_in"):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-# -- batches -----------------------------------------------------------------------------------
+# -- which parameters train ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Which parameters train, by path prefix (``language_model/layers/27``, ``vision_tower``):
+    ``new`` parts at ``learning_rate`` with weight decay on matrices, ``decoder`` (pretrained)
+    parts at ``decoder_learning_rate`` without weight decay (it would pull them towards 0); the
+    rest is frozen. ``float32``: prefixes computed in float32 whatever ``compute_dtype`` is
+    (XLA CPU has no fast bf16 convolution, and the vision tower is small)."""
+
+    new: tuple[str, ...] = ("",)
+    decoder: tuple[str, ...] = ()
+    float32: tuple[str, ...] = ("vision_tower", "multi_modal_projector")
+
+    def group(self, path: str) -> str | None:
+        if any(path.startswith(p) for p in self.decoder):
+            return "decoder"
+        if any(path.startswith(p) for p in self.new):
+            return "new"
+        return None
+
+
+EVERYTHING = Trainable()
+NOTHING = Trainable(new=())
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """Low-rank adapters on the decoder: ``kernel + a @ b`` (``a`` [in, rank], ``b`` [rank,
+    out], ``b`` starting at zero) for the ``targets`` projections of ``layers``. They change the
+    decoder's weights through a few parameters, and merge into the weights for inference."""
+
+    rank: int
+    layers: tuple[int, ...]
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+    def keys(self, params: dict) -> list[str]:
+        """The parameter paths (``/``-joined) of the adapted kernels."""
+        out = []
+        for l in self.layers:
+            layer = params["language_model"]["layers"][l]
+            for block in ("self_attn", "mlp"):
+                for t in self.targets:
+                    if t in layer[block]:
+                        out.append(f"language_model/layers/{l}/{block}/{t}/kernel")
+        return out
+
+    def init(self, params: dict, seed: int) -> dict:
+        flat = _flatten(params)
+        keys = jax.random.split(jax.random.PRNGKey(seed), len(self.keys(params)))
+        return {
+            k: {"a": jax.random.normal(r, (flat[k].shape[0], self.rank), jnp.float32) / np.sqrt(flat[k].shape[0]),
+                "b": jnp.zeros((self.rank, flat[k].shape[1]), jnp.float32)}
+            for k, r in zip(self.keys(params), keys)
+        }
+
+
+def _flatten(params) -> dict:
+    """{"a/b/c": leaf} of a nested parameter dict."""
+    return {"/".join(key_path(kp)): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def _unflatten(flat: dict, like) -> dict:
+    """The nested tree of ``like`` with the leaves of ``flat``."""
+    kps, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat["/".join(key_path(kp))] for kp, _ in kps])
+
+
+def merge_adapters(flat: dict, adapters: dict, dtype=None) -> dict:
+    """``flat`` with every adapted kernel replaced by ``kernel + a @ b`` (in ``dtype``)."""
+    out = dict(flat)
+    for k, ab in adapters.items():
+        w = flat[k]
+        out[k] = (w.astype(jnp.float32) + ab["a"] @ ab["b"]).astype(dtype or w.dtype)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """The static bookkeeping of a (trainable, frozen) split of a parameter tree."""
+
+    like: object  # the tree structure (ShapeDtypeStructs)
+    groups: tuple[tuple[str, str | None], ...]  # (path, group) for every leaf
+    float32: tuple[str, ...]
+
+    @classmethod
+    def of(cls, params, trainable: Trainable) -> "Split":
+        like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+        return cls(like, tuple((k, trainable.group(k)) for k in _flatten(params)), trainable.float32)
+
+    def __hash__(self):
+        return hash(self.groups)
+
+    def __eq__(self, other):
+        return isinstance(other, Split) and self.groups == other.groups and self.float32 == other.float32
+
+    def parts(self, params) -> tuple[dict, dict]:
+        """({path: trainable leaf}, {path: frozen leaf})."""
+        flat = _flatten(params)
+        train = {k: flat[k] for k, g in self.groups if g is not None}
+        return train, {k: flat[k] for k, g in self.groups if g is None}
+
+    def cast(self, flat: dict, dtype) -> dict:
+        """Floating leaves in ``dtype``, except the float32 prefixes."""
+        keep = lambda k: any(k.startswith(p) for p in self.float32)
+        return {k: v if keep(k) or not jnp.issubdtype(v.dtype, jnp.floating) else v.astype(dtype)
+                for k, v in flat.items()}
+
+    def full(self, state: dict, frozen: dict, dtype=None) -> dict:
+        """The whole parameter tree from the training state (``params``, ``adapters``) and the
+        frozen leaves, in ``dtype`` (None: as stored)."""
+        flat = {**frozen, **(self.cast(state["params"], dtype) if dtype else state["params"])}
+        if state.get("adapters"):
+            flat = merge_adapters(flat, state["adapters"], None)
+        return _unflatten(flat, self.like)
+
+
+# -- batches -------------------------------------------------------------------------------------
 
 
 class Batcher:
-    """Turns :class:`~qcache_jax.tools.vqa.Example` lists into fixed-shape training batches through
-    the checkpoint's processor (chat template, image-token expansion, CLIP preprocessing), exactly
-    as :meth:`QCacheModel.encode` prepares a prompt.
+    """:class:`~qcache_jax.tools.vqa.Example` lists -> fixed-shape batches, one question per row,
+    through the checkpoint's processor (chat template, image-token expansion, CLIP
+    preprocessing), exactly as :meth:`QCacheModel.encode` prepares a prompt.
 
-    A batch: ``input_ids`` [B, T] (prompt + answer + EOS, right-padded), ``attention_mask``,
-    ``weights`` [B, T] (1 where the *next* token is an answer token or the EOS) and
-    ``pixel_values`` [B, C, H, W].
+    A batch: ``input_ids`` [B, T] (prompt + answer, right-padded), ``attention_mask``,
+    ``pixel_values`` [B, C, H, W] and the scored positions ``ans_pos`` / ``ans_tgt`` /
+    ``ans_mask`` [B, 1, A] (the answer tokens and the EOS), ``slot_valid`` [B, 1].
     """
 
-    def __init__(self, processor, seq_len: int = 32):
+    def __init__(self, processor, seq_len: int = 32, max_answer_tokens: int = 2):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.seq_len = seq_len
+        self.answer_slots = max_answer_tokens + 1
         self.eos = self.tokenizer.eos_token_id
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._prompts: dict[str, list[int]] = {}
@@ -124,21 +245,30 @@ class Batcher:
         return self._prompts[question]
 
     def __call__(self, exs: Sequence[Example]) -> dict:
-        b, t = len(exs), self.seq_len
+        b, t, a = len(exs), self.seq_len, self.answer_slots
         ids = np.full((b, t), self.pad, np.int32)
         mask = np.zeros((b, t), np.int32)
-        weights = np.zeros((b, t), np.float32)
+        pos = np.zeros((b, 1, a), np.int32)
+        tgt = np.zeros((b, 1, a), np.int32)
+        amask = np.zeros((b, 1, a), np.float32)
         for i, ex in enumerate(exs):
             prompt = self.prompt_ids(ex.question, ex.image)
             answer = self.tokenizer(ex.answer, add_special_tokens=False)["input_ids"] + [self.eos]
-            row = prompt + answer
+            if len(answer) > a:
+                raise QCacheError(f"answer {ex.answer!r} has {len(answer) - 1} tokens (at most {a - 1})")
+            row = prompt + answer[:-1]
             if len(row) > t:
                 raise QCacheError(f"example of {len(row)} tokens does not fit the training length {t}")
             ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
-            weights[i, len(prompt) - 1 : len(row) - 1] = 1.0
+            n = len(answer)
+            pos[i, 0, :n] = np.arange(len(prompt) - 1, len(prompt) - 1 + n)
+            pos[i, 0, n:] = pos[i, 0, n - 1]
+            tgt[i, 0, :n] = answer
+            amask[i, 0, :n] = 1.0
         pv = self.processor.image_processor([ex.image for ex in exs], return_tensors="np")["pixel_values"]
-        return {"input_ids": ids, "attention_mask": mask, "weights": weights, "pixel_values": pv.astype(np.float32)}
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pv.astype(np.float32), "ans_pos": pos,
+                "ans_tgt": tgt, "ans_mask": amask, "slot_valid": np.ones((b, 1), np.float32)}
 
 
 def list_stream(exs: Sequence[Example], batch_size: int, seed: int = 0) -> Callable[[int], list]:
@@ -162,12 +292,20 @@ def list_stream(exs: Sequence[Example], batch_size: int, seed: int = 0) -> Calla
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings. ``lazy``: L booleans (None: dense); ``distill``: weight of the
-    KL(dense teacher || student) term on the answer positions (0: task loss only)."""
+    """Optimisation settings. ``learning_rate``: peak of the new parts and the adapters;
+    ``decoder_learning_rate``: peak of fine-tuned pretrained parts (default: the same).
+    ``lazy``: L booleans (None: dense) in ``mode``; ``distill``: weight of the KL(dense teacher
+    || student) term on the scored positions (0: task loss only). ``compute_dtype``: the
+    decoder's dtype in the step (master weights stay float32). ``attention_impl``: ``xla_train``
+    (the direct formula with a hand-written backward pass) on CPU. ``loop``: ``unroll`` (default):
+    a frozen layer costs only its input gradients; a scanned loop stacks every layer's weights and
+    computes weight gradients for all of them inside the scan (measured about 1.5-2x slower per
+    step on the real-weights model), in exchange for a faster compile."""
 
     steps: int = 1800
     batch_size: int = 32
     learning_rate: float = 1e-3
+    decoder_learning_rate: float | None = None
     warmup_steps: int = 100
     end_lr_fraction: float = 0.02
     weight_decay: float = 0.01
@@ -179,110 +317,151 @@ class TrainConfig:
     lazy: tuple | None = None
     mode: str = "vla"
     distill: float = 0.0
+    compute_dtype: str = "float32"
+    attention_impl: str = "xla_train"
+    loop: str = "unroll"
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup then cosine decay; weight decay on weight matrices only."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=tc.learning_rate / max(tc.warmup_steps, 1),  # the first step already learns
-        peak_value=tc.learning_rate,
-        warmup_steps=max(1, min(tc.warmup_steps, tc.steps - 1)),
-        decay_steps=max(tc.steps, 2),
-        end_value=tc.learning_rate * tc.end_lr_fraction,
-    )
-    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
-    return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(schedule, b1=0.9, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
-    )
+def optimizer(tc: TrainConfig, split: Split) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW per group with linear warmup and cosine decay: ``new``
+    (weight decay on matrices), ``decoder`` (its own learning rate, no weight decay) and
+    ``adapter`` (no weight decay)."""
 
-
-def _answer_stats(logits, batch):
-    """(mean token NLL, per-row exact match, log-probs) over the weighted (answer) positions."""
-    ids, w = batch["input_ids"], batch["weights"]
-    tgt = jnp.roll(ids, -1, axis=1)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-    loss = (nll * w).sum() / jnp.maximum(w.sum(), 1.0)
-    hit = (jnp.argmax(logits, -1) == tgt) | (w == 0)
-    return loss, jnp.all(hit, axis=1), logp
-
-
-def make_steps(graphdef, tx: optax.GradientTransformation, *, mode: str, distill: float):
-    """(train_step, eval_step), both jitted.
-
-    ``train_step(params, opt_state, batch, lazy, teacher_params) -> (params, opt_state, metrics)``;
-    ``eval_step(params, batch, lazy) -> (loss, per-row exact match)``. ``lazy``: a boolean [L]
-    array or None (dense); ``teacher_params``: the frozen dense model (used when ``distill`` > 0).
-    """
-
-    attn = LazyAttention(mode=mode)
-
-    def logits_of(params, batch, lazy):
-        model = nnx.merge(graphdef, params)
-        return sequence_logits(
-            model, batch["input_ids"], batch["pixel_values"], batch["attention_mask"], lazy, attn=attn, loop="scan"
+    def sched(peak):
+        return optax.warmup_cosine_decay_schedule(
+            init_value=peak / max(tc.warmup_steps, 1),  # the first step already learns
+            peak_value=peak,
+            warmup_steps=max(1, min(tc.warmup_steps, tc.steps - 1)),
+            decay_steps=max(tc.steps, 2),
+            end_value=peak * tc.end_lr_fraction,
         )
 
-    def loss_fn(params, batch, lazy, teacher_params):
-        logits = logits_of(params, batch, lazy)
-        task, hit, logp = _answer_stats(logits, batch)
+    groups = dict(split.groups)
+    decoder_lr = tc.decoder_learning_rate or tc.learning_rate
+
+    def labels(state):
+        return {
+            "params": {k: groups[k] for k in state["params"]},
+            "adapters": jax.tree.map(lambda _: "adapter", state["adapters"]),
+        }
+
+    decay_mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+    return optax.chain(
+        optax.clip_by_global_norm(tc.grad_clip),
+        optax.multi_transform(
+            {
+                "new": optax.adamw(sched(tc.learning_rate), b1=0.9, b2=tc.b2, weight_decay=tc.weight_decay,
+                                   mask=decay_mask),
+                "decoder": optax.adamw(sched(decoder_lr), b1=0.9, b2=tc.b2, weight_decay=0.0),
+                "adapter": optax.adamw(sched(tc.learning_rate), b1=0.9, b2=tc.b2, weight_decay=0.0),
+            },
+            labels,
+        ),
+    )
+
+
+def answer_logits(graphdef, params, batch: dict, lazy, *, mode: str, impl: str, loop: str = "scan"):
+    """Float32 logits [R, slots, A, V] at the scored positions ``batch["ans_pos"]`` [R, slots,
+    A], from one pass of the model (packed rows: ``positions`` / ``segments``)."""
+    model = nnx.merge(graphdef, params)
+    ids = batch["input_ids"]
+    h = hidden_states(
+        model, ids, batch["pixel_values"], batch.get("attention_mask"), lazy,
+        attn=LazyAttention(mode=mode, impl=impl), loop=loop,
+        positions=batch.get("positions"), segments=batch.get("segments"),
+    )
+    pos = batch["ans_pos"]
+    hs = jnp.take_along_axis(h, pos.reshape(ids.shape[0], -1)[..., None], axis=1)
+    return model.head(hs).reshape(*pos.shape, -1)
+
+
+def answer_stats(logits, batch):
+    """(mean NLL over the scored tokens, exact match per question [R, slots] bool): a question is
+    answered exactly when every answer token and the EOS are the argmax."""
+    tgt, mask = batch["ans_tgt"], batch["ans_mask"]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    tl = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0]
+    loss = ((lse - tl) * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    hit = jnp.all((jnp.argmax(logits, -1) == tgt) | (mask == 0), axis=-1)
+    return loss, hit
+
+
+def _accuracy(hit, batch):
+    valid = batch["slot_valid"]
+    return (hit * valid).sum() / jnp.maximum(valid.sum(), 1.0)
+
+
+def make_steps(graphdef, split: Split, tx: optax.GradientTransformation, tc: TrainConfig):
+    """(train_step, eval_step), jitted.
+
+    ``train_step(state, opt_state, frozen, batch, lazy, teacher) -> (state, opt_state,
+    metrics)``; ``eval_step(state, frozen, batch, lazy) -> (loss, exact match [R, slots])``.
+    ``state``: {"params": trainable leaves, "adapters": ...}; ``lazy``: a bool array [L] or None
+    (dense); ``teacher``: the dense model's whole parameter tree (for ``distill``)."""
+    dtype = jnp.dtype(tc.compute_dtype)
+    kw = dict(mode=tc.mode, impl=tc.attention_impl, loop=tc.loop)
+
+    def logits_of(state, frozen, batch, lazy):
+        return answer_logits(graphdef, split.full(state, frozen, dtype), batch, lazy, **kw)
+
+    def loss_fn(state, frozen, batch, lazy, teacher):
+        logits = logits_of(state, frozen, batch, lazy)
+        task, hit = answer_stats(logits, batch)
         loss, kl = task, jnp.float32(0.0)
-        if distill > 0:
-            t_logits = jax.lax.stop_gradient(logits_of(teacher_params, batch, None))
-            t_logp = jax.nn.log_softmax(t_logits, -1)
-            w = batch["weights"]
-            per_pos = jnp.sum(jnp.exp(t_logp) * (t_logp - logp), axis=-1)
-            kl = (per_pos * w).sum() / jnp.maximum(w.sum(), 1.0)
-            loss = task + distill * kl
-        return loss, {"loss": loss, "task_loss": task, "kl": kl, "accuracy": hit.mean()}
+        if tc.distill > 0:
+            t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(answer_logits(graphdef, teacher, batch, None, **kw)), -1)
+            per_pos = jnp.sum(jnp.exp(t_logp) * (t_logp - jax.nn.log_softmax(logits, -1)), axis=-1)
+            mask = batch["ans_mask"]
+            kl = (per_pos * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+            loss = task + tc.distill * kl
+        return loss, {"loss": loss, "task_loss": task, "kl": kl, "accuracy": _accuracy(hit, batch)}
 
     @jax.jit
-    def train_step(params, opt_state, batch, lazy, teacher_params):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params, batch, lazy, teacher_params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+    def train_step(state, opt_state, frozen, batch, lazy, teacher):
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state, frozen, batch, lazy, teacher)
+        updates, opt_state = tx.update(grads, opt_state, state)
+        state = optax.apply_updates(state, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return params, opt_state, metrics
+        return state, opt_state, metrics
 
     @jax.jit
-    def eval_step(params, batch, lazy):
-        loss, hit, _ = _answer_stats(logits_of(params, batch, lazy), batch)
-        return loss, hit
+    def eval_step(state, frozen, batch, lazy):
+        return answer_stats(logits_of(state, frozen, batch, lazy), batch)
 
     return train_step, eval_step
 
 
-def _optimizer_key(tc: TrainConfig) -> TrainConfig:
-    """The fields of ``tc`` that define the optimiser (the rest does not change compiled code)."""
-    return dataclasses.replace(tc, seed=0, eval_every=1, save_every=1, lazy=None, mode="vla", distill=0.0)
-
-
 @functools.lru_cache(maxsize=8)
-def _compiled_steps(graphdef, opt_tc: TrainConfig, mode: str, distill: float):
-    tx = optimizer(opt_tc)
-    return (tx, *make_steps(graphdef, tx, mode=mode, distill=distill))
+def _compiled_steps(graphdef, split: Split, tc: TrainConfig):
+    tx = optimizer(tc, split)
+    return (tx, *make_steps(graphdef, split, tx, tc))
 
 
-def compiled_steps(graphdef, tc: TrainConfig):
+def _step_key(tc: TrainConfig) -> TrainConfig:
+    """The fields of ``tc`` that change the compiled step (seed, eval and save cadence, and the
+    lazy flags, which are a traced argument, do not)."""
+    return dataclasses.replace(tc, seed=0, eval_every=1, save_every=1, lazy=None)
+
+
+def compiled_steps(graphdef, split: Split, tc: TrainConfig):
     """(optimizer, train_step, eval_step) for ``tc``, shared by every run in this process with
-    the same model structure and optimiser settings (a resumed run does not compile again)."""
-    return _compiled_steps(graphdef, _optimizer_key(tc), tc.mode, tc.distill)
+    the same model structure, split and settings (a resumed run does not compile again)."""
+    return _compiled_steps(graphdef, split, _step_key(tc))
 
 
-def batch_accuracy(eval_step, params, batches, lazy) -> float:
-    """Teacher-forced exact-match accuracy over prepared batches."""
-    hits = [np.asarray(eval_step(params, b, lazy)[1]) for b in batches]
-    return float(np.concatenate(hits).mean()) if hits else float("nan")
+def batch_accuracy(eval_step, state, frozen, batches, lazy) -> float:
+    """Teacher-forced exact-match accuracy over prepared batches (valid slots only)."""
+    hits = [(np.asarray(eval_step(state, frozen, b, lazy)[1]), np.asarray(b["slot_valid"]) > 0) for b in batches]
+    return float(np.concatenate([h[v] for h, v in hits]).mean()) if hits else float("nan")
 
 
 # -- the loop ----------------------------------------------------------------------------------
 
 
-def _manager(work_dir: Path, tc: TrainConfig):
+def _manager(work_dir: Path):
     import orbax.checkpoint as ocp
 
     options = ocp.CheckpointManagerOptions(max_to_keep=2, save_interval_steps=1, enable_async_checkpointing=False)
@@ -307,12 +486,25 @@ def _check_work_dir(work_dir: Path, tc: TrainConfig, extra: dict) -> None:
         path.write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
+@dataclasses.dataclass
+class FitResult:
+    """``params``: the whole trained tree (adapters merged, float32 where it was); ``state``:
+    what trained (``params`` leaves by path, ``adapters``); ``history``: per-step losses and
+    accuracies, validation accuracies, seconds, start and end step."""
+
+    params: dict
+    state: dict
+    history: dict
+
+
 def fit(
     graphdef,
     params,
     tc: TrainConfig,
     batch_at: Callable[[int], dict],
     *,
+    trainable: Trainable = EVERYTHING,
+    adapters: Adapters | None = None,
     work_dir: Path | None = None,
     val_batches: Sequence[dict] = (),
     teacher_params=None,
@@ -320,52 +512,63 @@ def fit(
     stop_after: int | None = None,
     log: Callable[[str], None] | None = None,
     meta: dict | None = None,
-) -> tuple[dict, dict]:
-    """Train ``params`` for ``tc.steps`` steps; returns (params, history).
+) -> FitResult:
+    """Train the ``trainable`` part of ``params`` (and/or ``adapters``) for ``tc.steps`` steps.
 
-    ``batch_at(step)`` gives the batch of a step. With ``work_dir`` the optimiser state is saved
-    every ``tc.save_every`` steps (and at the end) by an Orbax CheckpointManager, and a run
-    started again resumes from the latest saved step. ``stop_after``: return after that many
-    steps of this call (to simulate an interruption in tests). ``history``: per-step losses,
-    validation accuracies, timings.
+    ``batch_at(step)`` gives the batch of a step (numpy arrays, see :class:`Batcher` and
+    :class:`~qcache_jax.tools.packing.PackedEncoder`). With ``work_dir`` the training state is
+    saved every ``tc.save_every`` steps (and at the end) by an Orbax CheckpointManager, and a
+    run started again resumes from the latest saved step. ``stop_after``: return after that many
+    steps of this call (to simulate an interruption). ``teacher_params``: the dense model for
+    ``distill`` (default: ``params`` themselves). ``log``: progress lines (every 10 steps and at
+    each validation) when no tqdm bar is shown.
     """
     from tqdm.auto import tqdm
 
     check_mode(tc.mode)
     if tc.steps < 1 or tc.batch_size < 1:
         raise QCacheError(f"need steps >= 1 and batch size >= 1 (got {tc.steps}, {tc.batch_size})")
-    if tc.distill > 0 and teacher_params is None:
-        raise QCacheError("distillation needs the dense teacher's parameters")
-    tx, train_step, eval_step = compiled_steps(graphdef, tc)
+    split = Split.of(params, trainable)
+    train_part, frozen = split.parts(params)
+    dtype = jnp.dtype(tc.compute_dtype)
+    frozen = {k: jnp.asarray(v) for k, v in split.cast(frozen, dtype).items()}
+    state = {"params": {k: jnp.asarray(v, jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else jnp.asarray(v)
+                        for k, v in train_part.items()},
+             "adapters": adapters.init(params, tc.seed) if adapters else {}}
+    tx, train_step, eval_step = compiled_steps(graphdef, split, tc)
     lazy = None if tc.lazy is None or not any(tc.lazy) else jnp.asarray(tc.lazy, bool)
-    params = jax.tree.map(jnp.asarray, params)
-    opt_state = tx.init(params)
+    teacher = None
+    if tc.distill > 0:
+        source = teacher_params if teacher_params is not None else params
+        teacher = _unflatten({k: jnp.asarray(v) for k, v in split.cast(_flatten(source), dtype).items()}, split.like)
+    opt_state = tx.init(state)
     start, mngr = 0, None
     if work_dir is not None:
         import orbax.checkpoint as ocp
 
         work_dir = Path(work_dir)
         _check_work_dir(work_dir, tc, meta or {})
-        mngr = _manager(work_dir, tc)
+        mngr = _manager(work_dir)
         latest = mngr.latest_step()
         if latest is not None:
-            restored = mngr.restore(latest, args=ocp.args.StandardRestore({"params": params, "opt_state": opt_state}))
+            restored = mngr.restore(latest, args=ocp.args.StandardRestore({"state": state, "opt_state": opt_state}))
             # Plain host-backed arrays again, so the jitted step sees the same argument kinds as
             # on a fresh start and does not compile a second time.
             restored = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
-            params, opt_state, start = restored["params"], restored["opt_state"], int(latest)
+            state, opt_state, start = restored["state"], restored["opt_state"], int(latest)
             if log:
                 log(f"resuming from step {start} saved in {work_dir}")
     history = {"loss": [], "accuracy": [], "val": [], "seconds": 0.0, "start_step": start}
-    teacher = teacher_params if tc.distill > 0 else None
     end = tc.steps if stop_after is None else min(tc.steps, start + stop_after)
     val_acc = float("nan")
-    bar = tqdm(total=tc.steps, initial=start, desc="train" if lazy is None else f"tune {tc.mode}", unit="step", disable=not progress, dynamic_ncols=True)
+    desc = "train" if lazy is None else f"tune {tc.mode}"
+    bar = tqdm(total=tc.steps, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     try:
         for step in range(start, end):
-            batch = batch_at(step)
-            params, opt_state, m = train_step(params, opt_state, batch, lazy, teacher)
+            t_step = time.perf_counter()
+            batch = {k: jnp.asarray(v) for k, v in batch_at(step).items()}
+            state, opt_state, m = train_step(state, opt_state, frozen, batch, lazy, teacher)
             loss = float(m["loss"])
             if not np.isfinite(loss):
                 raise QCacheError(f"the loss became {loss} at step {step}; lower the learning rate")
@@ -373,10 +576,15 @@ def fit(
             history["accuracy"].append(float(m["accuracy"]))
             done = step + 1
             if val_batches and (done % tc.eval_every == 0 or done == tc.steps):
-                val_acc = batch_accuracy(eval_step, params, val_batches, lazy)
+                val_acc = batch_accuracy(eval_step, state, frozen, val_batches, lazy)
                 history["val"].append((done, val_acc))
-            if mngr is not None and (done % tc.save_every == 0 or done == tc.steps):
-                mngr.save(done, args=ocp.args.StandardSave({"params": params, "opt_state": opt_state}))
+                if log and not progress:
+                    log(f"{desc} step {done}/{tc.steps}: validation exact match {val_acc:.4f}")
+            if mngr is not None and (done % tc.save_every == 0 or done == tc.steps or done == end):
+                mngr.save(done, args=ocp.args.StandardSave({"state": state, "opt_state": opt_state}))
+            if log and not progress and (done % 10 == 0 or done == end):
+                log(f"{desc} step {done}/{tc.steps}: loss {np.mean(history['loss'][-10:]):.4f} "
+                    f"({time.perf_counter() - t_step:.1f} s/step)")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
     finally:
@@ -386,7 +594,9 @@ def fit(
             mngr.close()
     history["seconds"] = time.perf_counter() - t0
     history["end_step"] = end
-    return params, history
+    _, frozen_orig = split.parts(params)
+    full = split.full(jax.tree.map(np.asarray, state), frozen_orig)
+    return FitResult(params=full, state=state, history=history)
 
 
 # -- writing checkpoints -----------------------------------------------------------------------
@@ -461,6 +671,8 @@ def tune(
     work_dir=None,
     force: bool = False,
     keep_work_dir: bool = False,
+    trainable: Trainable = EVERYTHING,
+    adapters: Adapters | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
     stop_after: int | None = None,
@@ -498,10 +710,12 @@ def tune(
     val_batches = [batcher(val[i : i + 64]) for i in range(0, len(val), 64)]
     meta = {"checkpoint": str(Path(ckpt).absolute()), "data": source.name}
     teacher = model.params if distill > 0 else None
-    params, history = fit(
-        model.graphdef, model.params, tc, lambda s: batcher(source.at(s)), work_dir=work_dir, val_batches=val_batches,
-        teacher_params=teacher, progress=progress, stop_after=stop_after, log=log, meta=meta,
+    result = fit(
+        model.graphdef, model.params, tc, lambda s: batcher(source.at(s)), trainable=trainable, adapters=adapters,
+        work_dir=work_dir, val_batches=val_batches, teacher_params=teacher, progress=progress, stop_after=stop_after,
+        log=log, meta=meta,
     )
+    params, history = result.params, result.history
     if history["end_step"] < tc.steps:
         return None, history
     final_val = history["val"][-1][1] if history["val"] else float("nan")
