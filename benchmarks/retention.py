@@ -27,7 +27,6 @@ Tuned adapters are kept in ``--work`` and reused; the 0.5 ones are added to the 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import platform
@@ -124,7 +123,7 @@ def main(argv=None) -> int:
 
     from qcache_jax.tools.calibrate import collect_divergences, load_samples, select_by_fraction
     from qcache_jax.tools.evaluate import packed_exact_match, perplexity
-    from qcache_jax.tools.train import Adapters, NOTHING, TrainConfig, _flatten, _unflatten, fit, merge_adapters
+    from qcache_jax.tools.train import Adapters, NOTHING, TrainConfig, fit
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--test-images", type=int, default=210, help="score every question of the first N test images")
@@ -227,6 +226,7 @@ def main(argv=None) -> int:
             model.params = saved
             model._engines.clear()
         if args.ship and frac == 0.5:
+            schedule.write(parts / f"schedule-{name}.json", calibrated_on=f"{args.calibration_samples} validation images")
             S.save_adapters(parts, name, jax.tree.map(np.asarray, result.state["adapters"]), schedule,
                             {"steps": args.tune_steps, "rank": args.rank, "distill": 1.0,
                              "test_exact_match": rows[f"{name} tuned"]["accuracy"]["all"]})
@@ -250,6 +250,7 @@ def main(argv=None) -> int:
         seconds=time.time() - t_start,
     )
     (work / "retention.json").write_text(json.dumps(results, indent=2) + "\n")
+    (ROOT / "benchmarks" / "retention.json").write_text(json.dumps(results, indent=2) + "\n")
     accuracy_plot(rows, Path(args.plots) / "retention_accuracy.png")
     Path(args.out).write_text(render(results))
     log(f"wrote {args.out} in {(time.time() - t_start) / 60:.0f} min")

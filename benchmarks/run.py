@@ -44,7 +44,8 @@ MODEL_TOLERANCE = 1.10  # a measured lazy/dense above 1.1x the bandwidth model i
 PAPER_THROUGHPUT = 1.5  # the paper's lazy/dense throughput under a fixed KV budget
 
 RESULT_KEYS = ("meta", "machine", "settings", "bandwidth", "peers", "vs_hf", "lazy", "bandwidth_use", "memory",
-               "kv_budget", "targets", "runs")
+               "kv_budget", "targets", "runs", "scaling")
+SCALING_TITLE = "## Scaling out: bytes per device on a mesh (computed, not measured)"
 
 PROFILES = {
     "cpu": dict(
@@ -484,11 +485,54 @@ def render(res: dict) -> str:
                [[k, shown(r.get("compile_seconds")), shown(r.get("first_call_seconds"))]
                 for k, r in res["runs"].items() if "/ours/" in k])
 
+    L += render_scaling(res.get("scaling"))
+
     # Targets.
     L += ["## Targets", "", "Each status is computed from the tables above.", ""]
     L += table(["target", "where", "measured", "status"],
                [[x["target"], x["where"], x["measured"], x["status"]] for x in res["targets"]])
     return "\n".join(L).rstrip() + "\n"
+
+
+def render_scaling(sc) -> list[str]:
+    """The scaling section: parameter and KV bytes per device on each mesh shape, dense vs
+    GLA vs VLA (``bench.mesh_scaling``: computed from the real shardings, nothing measured)."""
+    if not sc:
+        return []
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    fits = lambda g: f"{g} GiB" if g else f"> {sc['device_memory_gib'][-1]} GiB"  # noqa: E731
+    L = [SCALING_TITLE, "",
+         f"Computed by `qcache_jax.tools.bench.mesh_scaling` from `jax.eval_shape` of the model and of the engine's "
+         f"decoding state and the shardings of `qcache_jax.runtime.mesh` (`--mesh data=D,model=M`) on an abstract "
+         f"mesh of each shape; nothing here ran on a mesh. {sc['dtype']}, {sc['batch']} rows of one image's tokens + "
+         f"{sc['text_tokens']} text tokens (prompt and generated); GLA/VLA: {sc['lazy_fraction']:g} of the layers lazy "
+         f"(layer 0 dense). KV heads split over `model`, rows over `data`; the vision tower, projector and norms are "
+         f"replicated. *fits*: the smallest of {', '.join(map(str, sc['device_memory_gib']))} GiB holding parameters "
+         f"+ KV cache per device (activations and workspace not counted).", ""]
+    L += table(["model", "mesh (data, model)", "image tokens", "params GiB/device", "KV GiB/device dense",
+                "KV GiB/device GLA", "KV GiB/device VLA", "fits dense / GLA / VLA"],
+               [[r["model"], f"({r['mesh'][0]}, {r['mesh'][1]})", r["image_tokens"], gib(r["param_bytes_per_device"]),
+                 gib(r["kv_bytes_per_device_dense"]), gib(r["kv_bytes_per_device_gla"]),
+                 gib(r["kv_bytes_per_device_vla"]),
+                 " / ".join(fits(r[f"fits_{k}"]) for k in ("dense", "gla", "vla"))] for r in sc["rows"]])
+    return L
+
+
+def write_scaling(out: Path) -> None:
+    """Compute the scaling section and put it into ``out`` (replacing an earlier one; before
+    the targets when there are any), leaving the measured sections as they are."""
+    section = "\n".join(render_scaling(bench.mesh_scaling())).rstrip() + "\n"
+    text = out.read_text() if out.is_file() else "# Benchmarks\n"
+    if SCALING_TITLE in text:
+        head, rest = text.split(SCALING_TITLE, 1)
+        nxt = rest.find("\n## ")  # the next section, kept
+        text = head + section + ("\n" + rest[nxt + 1 :] if nxt >= 0 else "")
+    elif "\n## Targets" in text:
+        head, tail = text.split("\n## Targets", 1)
+        text = head.rstrip("\n") + "\n\n" + section + "\n## Targets" + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    out.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -501,6 +545,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="override the profile's thread count")
     ap.add_argument("--cache-dir", default=None, help="where prepared models are cached (default ~/.cache/qcache-jax/bench)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when it is installed")
+    ap.add_argument("--scaling-only", action="store_true",
+                    help="only compute the scaling section (bytes per device on a mesh) and put it into --out")
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     p = json.loads(json.dumps(PROFILES[args.profile]))  # a copy
@@ -511,6 +557,9 @@ def main(argv=None) -> int:
     if args.threads is not None:
         p["threads"] = args.threads
     out = Path(args.out) if args.out else ROOT / "BENCHMARKS.md"
+    if args.scaling_only:
+        write_scaling(out)
+        return 0
     results_path = Path(args.results) if args.results else (
         out.with_suffix(".json") if args.out else ROOT / "benchmarks" / "results.json")
     t0 = time.perf_counter()
@@ -542,6 +591,7 @@ def main(argv=None) -> int:
         return 2
     res = build(p, args.profile, files_text, files_vision, text, vision, bw, llama, time.perf_counter() - t0, argv)
     res["machine"] = dict(bench.machine(), load_average_start=load_start)
+    res["scaling"] = bench.mesh_scaling()
     res["meta"]["results_file"] = os.path.relpath(results_path.absolute(), out.absolute().parent)
     res = {k: res[k] for k in RESULT_KEYS}
     out.parent.mkdir(parents=True, exist_ok=True)

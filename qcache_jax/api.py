@@ -85,10 +85,21 @@ class QCacheModel:
     per layer), ``graphdef``, ``tokenizer``, ``processor`` and the inference methods.
 
     ``log``: where progress messages go (loading, compiling a new shape); None = silent.
+    ``mesh``: a device mesh to run on (a ``jax.sharding.Mesh`` with axes ``data`` and
+    ``model``, or ``"data=D,model=M"``): parameters are placed in their shardings
+    (:mod:`qcache_jax.runtime.mesh`) and every pass runs tensor and data parallel. None: one
+    device, as without this option.
     """
 
     def __init__(self, config, params, *, path: Path | None = None, tokenizer=None, processor=None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, mesh=None):
+        self.mesh = None
+        if mesh is not None:
+            from .runtime.mesh import as_mesh, check_model, shard_params
+
+            self.mesh = as_mesh(mesh)
+            check_model(config, self.mesh)
+            params = shard_params(params, config, self.mesh)
         self.config, self.params, self.path = config, params, path
         self.graphdef, _ = abstract_model(config)
         # Given objects, or loaded from the checkpoint on first use: loading them imports
@@ -221,16 +232,22 @@ class QCacheModel:
 
         ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes)
         schedule = self.resolve_lazy(lazy, mode)
+        put = jnp.asarray
+        if self.mesh is not None:  # inputs replicated over the mesh (every process gives the same)
+            from .runtime.mesh import put as mesh_put, replicated
+
+            put = functools.partial(mesh_put, sharding=replicated(self.mesh))
         out = logits_fn(
             self.graphdef,
             self.params,
-            jnp.asarray(ids),
-            None if pv is None else jax.tree.map(jnp.asarray, pv),
-            None if mask is None else jnp.asarray(mask),
-            None if schedule.is_dense else jnp.asarray(schedule.mask),
+            put(ids),
+            None if pv is None else jax.tree.map(put, pv),
+            None if mask is None else put(mask),
+            None if schedule.is_dense else put(schedule.mask),
             mode=schedule.mode,
             loop=loop,
             impl=attention_impl,
+            mesh=self.mesh,
         )
         return np.asarray(out)
 
@@ -242,7 +259,7 @@ class QCacheModel:
 
         if attention_impl not in self._engines:
             self._engines[attention_impl] = Engine(
-                self.graphdef, self.params, self.config, attention_impl=attention_impl, log=self.log
+                self.graphdef, self.params, self.config, attention_impl=attention_impl, log=self.log, mesh=self.mesh
             )
         return self._engines[attention_impl]
 
@@ -563,15 +580,27 @@ def _load_hf_helper(kind: str, path: Path):
         return None
 
 
-def load(ckpt_dir: str | Path, *, log: Callable[[str], None] | None = None) -> QCacheModel:
+def load(ckpt_dir: str | Path, *, log: Callable[[str], None] | None = None, mesh=None) -> QCacheModel:
     """Load a checkpoint written by :func:`qcache_jax.convert_hf` (or ``qcache convert``).
 
-    ``log``: a callable for progress messages (the CLI passes one that prints to stderr)."""
+    ``log``: a callable for progress messages (the CLI passes one that prints to stderr).
+    ``mesh``: run on a device mesh, a ``jax.sharding.Mesh`` with axes ``data`` and ``model``
+    or ``"data=D,model=M"`` (docs/architecture.md, "Scaling out"): Orbax restores every
+    parameter straight into its sharding (each device reads only its shard; no full copy on
+    one host). In a multi-process run call ``jax.distributed.initialize`` first."""
     path = Path(ckpt_dir).expanduser()
     if not path.is_dir():
         raise QCacheError(f"{ckpt_dir}: no such checkpoint directory")
     cfg = read_config(path)
+    shardings = None
+    if mesh is not None:
+        from .runtime.mesh import as_mesh, check_model, describe, param_shardings
+
+        mesh = as_mesh(mesh)
+        check_model(cfg, mesh)
+        shardings = param_shardings(abstract_model(cfg)[1], cfg, mesh)
     if log:
-        log(f"loading {path} ({cfg.text.num_layers} decoder layers, {cfg.dtype})...")
-    params = load_params(path, cfg)
-    return QCacheModel(cfg, params, path=path, log=log)
+        on = "" if mesh is None else f" onto a {describe(mesh)} mesh of {mesh.devices.size} devices"
+        log(f"loading {path} ({cfg.text.num_layers} decoder layers, {cfg.dtype}){on}...")
+    params = load_params(path, cfg, shardings=shardings)
+    return QCacheModel(cfg, params, path=path, log=log, mesh=mesh)

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 from benchmarks import run  # noqa: E402
 
 EXPECTED_KEYS = {"meta", "machine", "settings", "bandwidth", "peers", "vs_hf", "lazy", "bandwidth_use", "memory",
-                 "kv_budget", "targets", "runs"}
+                 "kv_budget", "targets", "runs", "scaling"}
 
 
 @pytest.fixture(scope="session")

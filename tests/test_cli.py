@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from qcache_jax import QCacheError, cli, load
+from qcache_jax import QCacheError, load
 
 PROMPT = "what color is the circle ?"
 

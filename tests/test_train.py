@@ -70,7 +70,7 @@ def test_answer_logits_equal_the_full_forward(tiny):
 
     from qcache_jax.runtime.forward import sequence_logits
     from qcache_jax.lazy.attention import LazyAttention
-    from qcache_jax.tools.train import answer_logits
+    from qcache_jax.tools.scoring import answer_logits
 
     _, cfg, _, graphdef, batches = tiny
     params = init_params(cfg, 2)

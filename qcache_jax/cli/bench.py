@@ -38,6 +38,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="CPUs the worker is pinned to and threads it uses; None = every CPU available")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (and of random weights)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--mesh", metavar="data=D,model=M", default=None,
+                   help="run on a device mesh (D*M devices; on CPU the worker gets D*M host devices); default: one device")
     p.set_defaults(func=run_bench)
 
 
@@ -77,7 +79,11 @@ def run_bench(args) -> int:
     configs = {"dense": None}
     if not schedule.is_dense:
         configs[schedule.label] = schedule
-    with bench.Worker("ours", model_arg, threads=threads, seed=args.seed) as w:
+    if args.mesh is not None:
+        from ..runtime.mesh import abstract_mesh, check_model, parse_mesh
+
+        check_model(cfg, abstract_mesh(*parse_mesh(args.mesh)))
+    with bench.Worker("ours", model_arg, threads=threads, seed=args.seed, mesh=args.mesh) as w:
         jobs = [bench.Job(name, w, dict(req, lazy=None if s is None else list(s.lazy), mode=None if s is None else s.mode))
                 for name, s in configs.items()]
         results = {k: bench.summarize(v) for k, v in bench.interleave(jobs, args.repeats).items()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..lazy.schedule import MODES
-from .common import HelpFormatter
+from .common import HelpFormatter, add_mesh_options
 
 
 def register(subparsers) -> None:
@@ -50,6 +50,7 @@ def register(subparsers) -> None:
     c.add_argument("--max-samples", type=int, metavar="N", help="use at most N samples")
     c.add_argument("--out", metavar="SCHEDULE.json", help="where to write the schedule (default CKPT/schedule.json)")
     c.add_argument("--plot", metavar="PATH.png", help="where to write the plot (default: beside the schedule, .png)")
+    add_mesh_options(c)
     c.add_argument("--quiet", action="store_true", help="no progress messages or bar")
     c.set_defaults(func=run)
 

@@ -45,11 +45,35 @@ def log_for(args):
     return lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
+def add_mesh_options(p: argparse.ArgumentParser) -> None:
+    """``--mesh`` and ``--distributed`` (docs/architecture.md, "Scaling out")."""
+    p.add_argument("--mesh", metavar="data=D,model=M", default=None,
+                   help="run on a device mesh: D-way data parallel (batch rows) x M-way tensor parallel "
+                        "(heads, MLP, vocabulary); D*M devices (on CPU: JAX_NUM_CPU_DEVICES=N); default: one device")
+    p.add_argument("--distributed", metavar="auto|coordinator=HOST:PORT,processes=N,id=I", default=None,
+                   help="join a multi-process run first (jax.distributed.initialize; auto: Cloud TPU, SLURM, "
+                        "Open MPI, Kubernetes); run the same command in every process")
+
+
+def mesh_arg(args):
+    """The ``--mesh`` spec (checked) or None, after joining ``--distributed`` processes."""
+    from ..runtime import mesh
+
+    spec, dist = getattr(args, "mesh", None), getattr(args, "distributed", None)
+    if spec is not None:
+        mesh.parse_mesh(spec)
+    if dist is not None:
+        mesh.parse_distributed(dist)
+        mesh.initialize_distributed(dist)
+    return spec
+
+
 def load_model(args):
-    """The checkpoint ``args.ckpt``, loaded with progress messages unless ``--quiet``."""
+    """The checkpoint ``args.ckpt``, loaded with progress messages unless ``--quiet``, on the
+    ``--mesh`` when one is given."""
     from ..api import load
 
-    return load(args.ckpt, log=log_for(args))
+    return load(args.ckpt, log=log_for(args), mesh=mesh_arg(args))
 
 
 def human_bytes(n: float) -> str:

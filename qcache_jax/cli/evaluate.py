@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_lazy_options, add_parser, add_quiet, load_model, positive, progress
+from .common import add_lazy_options, add_mesh_options, add_parser, add_quiet, load_model, positive, progress
 
 
 def run(args) -> int:
@@ -32,5 +32,6 @@ def register(sub) -> None:
     e.add_argument("--limit", type=int, help="score only the first N lines")
     e.add_argument("--predictions", help="write one JSON line per example (question, answer, prediction, correct)")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
+    add_mesh_options(e)
     add_quiet(e)
     e.set_defaults(func=run)

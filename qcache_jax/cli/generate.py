@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import QCacheError
-from .common import add_lazy_options, add_parser, add_quiet, human_bytes, load_model
+from .common import add_lazy_options, add_mesh_options, add_parser, add_quiet, human_bytes, load_model
 
 
 def _stats_line(n_tokens: int, prefill_s: float, tok_s: float, kv: int, dense: int, schedule, compile_s: float) -> str:
@@ -101,5 +101,6 @@ def register(sub) -> None:
     g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout")
     g.add_argument("--stream", action="store_true", help="print tokens as they are generated, then the statistics")
     g.add_argument("--stats-to-stderr", action="store_true", help="print the statistics line on stderr, not stdout")
+    add_mesh_options(g)
     add_quiet(g)
     g.set_defaults(func=run)

@@ -39,7 +39,8 @@ IMAGE_SIZE, PATCH_SIZE = 64, 8
 TOWER = VisionConfig(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3, image_size=IMAGE_SIZE,
                      patch_size=PATCH_SIZE)
 PARTS_FORMAT = "qcache-smollm2-easyvqa/1"
-PARTS_DIR = Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-easyvqa"
+# The shipped parts (QCACHE_DEMO_PARTS points elsewhere, e.g. at a freshly trained model).
+PARTS_DIR = Path(os.environ.get("QCACHE_DEMO_PARTS", Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-easyvqa"))
 # SmolLM2's ChatML without its default system prompt; user content is a string or a list of
 # {"type": "image"} / {"type": "text"} items (each image item is one <image> placeholder).
 CHAT_TEMPLATE = (
@@ -250,6 +251,30 @@ def assemble(parts: Path = PARTS_DIR, variant: str | None = None) -> tuple[Llava
     from ..nn.llava import abstract_model
 
     return cfg, _unflatten(flat, abstract_model(cfg)[1]), schedule
+
+
+def with_variant(model, name: str, parts: Path = PARTS_DIR):
+    """(a QCacheModel with the tuned variant's adapters merged into ``model``'s kernels, its
+    schedule), in memory: no second checkpoint on disk."""
+    import jax
+    from safetensors.numpy import load_file
+
+    from ..api import QCacheModel
+    from ..tools.train import _flatten, _unflatten
+
+    info = Path(parts) / f"adapters-{name}.json"
+    if not info.is_file():
+        raise QCacheError(f"{parts}: no tuned variant {name!r} (have: {', '.join(variants(parts)) or 'none'})")
+    schedule = Schedule.read(info, model.num_layers)
+    ad = load_file(str(Path(parts) / f"adapters-{name}.safetensors"))
+    flat = _flatten(model.params)
+    for key in {k.rsplit("/", 1)[0] for k in ad}:
+        w = np.asarray(flat[key], np.float32)
+        flat[key] = (w + ad[f"{key}/a"].astype(np.float32) @ ad[f"{key}/b"].astype(np.float32)).astype(w.dtype)
+    params = jax.device_put(_unflatten(flat, model.params))
+    tuned = QCacheModel(model.config, params, path=model.path, tokenizer=model.tokenizer, processor=model.processor,
+                        log=model.log)
+    return tuned, schedule
 
 
 def cache_dir() -> Path:

@@ -124,15 +124,21 @@ def read_config(directory: Path) -> LlavaConfig:
         raise QCacheError(f"{path}: corrupted config ({e})") from None
 
 
-def load_params(directory: Path, cfg: LlavaConfig):
+def load_params(directory: Path, cfg: LlavaConfig, *, shardings=None):
     """Restore the parameter pytree as jax arrays (on the default device, once: numpy arrays
-    would be copied to the device at every call), checked against the config's abstract tree."""
+    would be copied to the device at every call), checked against the config's abstract tree.
+
+    ``shardings``: a sharding per parameter (a pytree like the parameters, e.g.
+    :func:`qcache_jax.runtime.mesh.param_shardings`): each array is restored straight into
+    its sharding, every device (and process) reading only its own shard."""
     directory = Path(directory).absolute()
     _, abstract = abstract_model(cfg)
     # With a sharding on every leaf Orbax restores straight into device arrays: no host copy
     # of the weights stays behind.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if not (directory / PARAMS_DIR).is_dir():
         raise QCacheError(f"{directory}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
     check_params_files(directory)

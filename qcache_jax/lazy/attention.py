@@ -15,13 +15,14 @@ a Python bool when the schedule is fixed at trace time (unrolled loop) or a trac
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ..kernels import reference_attention
-from ..nn.attention import attend, decode_segments, lazy_pv_segments
+from ..nn.attention import attend, decode_segments, lazy_pv_segments, write_rows
 from .cache import LayerCache
 from .schedule import DEFAULT_MODE, check_mode
 
@@ -117,11 +118,14 @@ class LazyAttention:
 
     ``reuse_probs`` (GLA decode): lazy layers multiply the anchor's attention probabilities
     with their own V instead of recomputing softmax(Q_b K_b^T) (the same numbers).
+    ``mesh``: a ``jax.sharding.Mesh`` with axes ``data`` and ``model``: the kernels and the
+    cache writes then run per shard (:mod:`qcache_jax.nn.attention`); None: one device.
     """
 
     mode: str = DEFAULT_MODE
     impl: str = "auto"
     reuse_probs: bool = True
+    mesh: Any = None
 
     def __post_init__(self):
         check_mode(self.mode)
@@ -161,7 +165,7 @@ class LazyAttention:
         q, k, qc = _select(is_lazy, lazy, anchor, qc)
         v = layer.values(x)
         seg = ctx.segments
-        out = attend(q, k, v, ctx.positions, ctx.positions, ctx.valid, segments=seg, impl=self.impl)
+        out = attend(q, k, v, ctx.positions, ctx.positions, ctx.valid, segments=seg, impl=self.impl, mesh=self.mesh)
         probe = None
         if ctx.probe_rows is not None:
             rows = ctx.probe_rows
@@ -188,8 +192,11 @@ class LazyAttention:
 
     # -- one decode step ---------------------------------------------------------------------------
 
+    def _write(self, cache, slot, value):
+        return write_rows(cache, slot, value, _write, mesh=self.mesh)
+
     def _decode(self, layer, x, qc, is_lazy, ctx: DecodePass, c: LayerCache, hands_probs):
-        v_txt = _write(c.v_txt, ctx.n_txt, layer.values(x))
+        v_txt = self._write(c.v_txt, ctx.n_txt, layer.values(x))
         n_new = ctx.n_txt + 1
         has_img = c.v_img.shape[2] > 0
 
@@ -198,8 +205,9 @@ class LazyAttention:
 
         def anchor(qc):
             q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
-            k_txt = _write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
-            out, probs = decode_segments(q, segs(c.k_img, k_txt), impl=self.impl, return_probs=hands_probs)
+            k_txt = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
+            out, probs = decode_segments(q, segs(c.k_img, k_txt), impl=self.impl, return_probs=hands_probs,
+                                         mesh=self.mesh)
             new_qc = QCache(q, (c.k_img, k_txt) if has_img else (k_txt,), probs)
             return out, new_qc, LayerCache(c.k_img, k_txt, c.v_img, v_txt)
 
@@ -211,16 +219,16 @@ class LazyAttention:
             if self.mode == "gla":
                 if self.passes_probs:
                     values = ([(c.v_img, ctx.n_img)] if has_img else []) + [(v_txt, n_new)]
-                    out = lazy_pv_segments(qc.probs, values, impl=self.impl)
+                    out = lazy_pv_segments(qc.probs, values, impl=self.impl, mesh=self.mesh)
                 else:
-                    out, _ = decode_segments(qc.q, segs(k_img, k_txt), impl=self.impl)
+                    out, _ = decode_segments(qc.q, segs(k_img, k_txt), impl=self.impl, mesh=self.mesh)
                 # Keys pass through untouched (None: the layer stores none).
                 return out, qc, LayerCache(c.k_img, c.k_txt, c.v_img, v_txt)
             # VLA: the new token is text, so the layer uses its own query and keeps its own text
             # keys; the visual keys are the anchor's.
             q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
-            own = _write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
-            out, _ = decode_segments(q, segs(k_img, own), impl=self.impl)
+            own = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
+            out, _ = decode_segments(q, segs(k_img, own), impl=self.impl, mesh=self.mesh)
             return out, qc, LayerCache(c.k_img, own, c.v_img, v_txt)
 
         return _select(is_lazy, lazy, anchor, qc)

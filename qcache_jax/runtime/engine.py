@@ -7,6 +7,10 @@ slice or transpose copies; tests/test_hlo.py checks the optimized HLO). Shapes a
 (:func:`bucket`) and compiled executables are kept per plan, so a new prompt of a known bucket
 never recompiles; prefill creates the decoding state and the decode loop updates it in place
 (donated).
+
+With a device mesh (:mod:`qcache_jax.runtime.mesh`) the same executables are compiled with
+shardings: parameters in theirs, prompt rows and the decoding state on ``data`` (KV heads on
+``model``), the emitted tokens replicated so that every process reads them.
 """
 
 from __future__ import annotations
@@ -218,9 +222,11 @@ class Engine:
     ``log``: called with a message before anything slow (compiling a new plan).
     """
 
-    def __init__(self, graphdef, params, cfg, *, attention_impl: str = "auto", log: Callable[[str], None] | None = None):
+    def __init__(self, graphdef, params, cfg, *, attention_impl: str = "auto", log: Callable[[str], None] | None = None,
+                 mesh=None):
         self.graphdef, self.params, self.cfg = graphdef, params, cfg
         self.attention_impl = attention_impl
+        self.mesh = mesh  # a jax.sharding.Mesh (axes data, model) or None: one device
         self.dtype = jax.tree.leaves(params)[0].dtype
         self.log = log
         self._compiled: dict = {}
@@ -279,14 +285,20 @@ class Engine:
             text_len = cache_len - image_len
             if n_prompt > cache_len or n_text > text_len:
                 raise QCacheError(f"prompt of {n_prompt} tokens does not fit the cache of {cache_len} tokens per row")
-        layout = CacheLayout(batch=batch_bucket(len(prompts)), image_len=image_len, text_len=text_len, schedule=schedule)
+        rows = batch_bucket(len(prompts))
+        prefill_rows = pow2(len(prompts)) if len(prompts) <= 8 else rows
+        if self.mesh is not None:  # rows split over the data axis: a multiple of it
+            from .mesh import round_rows
+
+            rows, prefill_rows = round_rows(rows, self.mesh), round_rows(prefill_rows, self.mesh)
+        layout = CacheLayout(batch=rows, image_len=image_len, text_len=text_len, schedule=schedule)
         return Plan(
             layout=layout,
-            prefill_batch=pow2(len(prompts)) if len(prompts) <= 8 else layout.batch,
+            prefill_batch=prefill_rows,
             prompt_len=bucket(n_prompt),
             n_images=n_images,
             max_new=pow2(max(max_new_tokens, 16)),
-            attn=LazyAttention(mode=schedule.mode, impl=self.attention_impl, reuse_probs=reuse_probs),
+            attn=LazyAttention(mode=schedule.mode, impl=self.attention_impl, reuse_probs=reuse_probs, mesh=self.mesh),
             eos=tuple(eos),
             pad_id=pad_id,
             keep_logits=keep_logits,
@@ -323,15 +335,84 @@ class Engine:
             )
         t0 = time.perf_counter()
         ids, lens, pv = self._abstract_inputs(plan)
+        sampling = jax.eval_shape(lambda: Sampling.make(1))
+        active = jax.ShapeDtypeStruct((plan.layout.batch,), jnp.bool_)
+        if self.mesh is not None:
+            self._compiled[plan] = self._compile_sharded(plan, ids, lens, pv, sampling, active)
+            return time.perf_counter() - t0
         prefill = jax.jit(functools.partial(_prefill, self.graphdef, plan))
         decode = jax.jit(functools.partial(_decode_loop, self.graphdef, plan), donate_argnums=(1,))
         cp = prefill.lower(self.params, ids, lens, pv).compile()
         state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv)
-        sampling = jax.eval_shape(lambda: Sampling.make(1))
-        active = jax.ShapeDtypeStruct((plan.layout.batch,), jnp.bool_)
         cd = decode.lower(self.params, state_out, logits, sampling, active).compile()
         self._compiled[plan] = (cp, cd)
         return time.perf_counter() - t0
+
+    # -- a device mesh ----------------------------------------------------------------------------
+
+    def shardings(self, plan: Plan) -> dict:
+        """The NamedShardings of the plan's executables (mesh only): ``params``, ``ids`` and
+        ``lens`` (prompt rows), ``pixels`` (replicated), ``state`` (the DecodingState),
+        ``logits``, ``active``, ``replicated``."""
+        from . import mesh as m
+
+        key = (plan, "shardings")
+        if key not in self._compiled:
+            mesh, b = self.mesh, plan.prefill_batch
+            ids, lens, pv = self._abstract_inputs(plan)
+            state, logits = jax.eval_shape(functools.partial(_prefill, self.graphdef, plan), self.params, ids, lens, pv)
+            self._compiled[key] = {
+                "params": m.param_shardings(self.params, self.cfg, mesh),
+                "ids": m.named(m.rows_spec(b, mesh, 2), mesh),
+                "lens": m.named(m.rows_spec(b, mesh), mesh),
+                "pixels": None if pv is None else jax.tree.map(lambda _: m.replicated(mesh), pv),
+                "state": m.named(m.state_specs(state, mesh), mesh),
+                "logits": m.named(m.rows_spec(logits.shape[0], mesh, 2), mesh),
+                "active": m.named(m.rows_spec(plan.layout.batch, mesh), mesh),
+                "replicated": m.replicated(mesh),
+            }
+        return self._compiled[key]
+
+    def _compile_sharded(self, plan: Plan, ids, lens, pv, sampling, active):
+        """Prefill and decode compiled with in/out shardings on the mesh; the loop's outputs
+        other than the state (tokens, counts, kept logits) come out replicated."""
+        sh = self.shardings(plan)
+        rep = sh["replicated"]
+        prefill = jax.jit(
+            functools.partial(_prefill, self.graphdef, plan),
+            in_shardings=(sh["params"], sh["ids"], sh["lens"], sh["pixels"]),
+            out_shardings=(sh["state"], sh["logits"]),
+        )
+        cp = prefill.lower(self.params, ids, lens, pv).compile()
+        state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv)
+        samp = jax.tree.map(lambda _: rep, sampling)
+        loop_out = LoopState(step=rep, state=sh["state"], token=rep, key=rep, done=rep, tokens=rep, count=rep,
+                             kept=rep if plan.keep_logits else None)
+        decode = jax.jit(
+            functools.partial(_decode_loop, self.graphdef, plan),
+            in_shardings=(sh["params"], sh["state"], sh["logits"], samp, sh["active"]),
+            out_shardings=loop_out,
+            donate_argnums=(1,),
+        )
+        cd = decode.lower(self.params, state_out, logits, sampling, active).compile()
+        return cp, cd
+
+    def _put(self, x, sharding):
+        """A host value as a device array: plain ``jnp.asarray`` on one device, else placed in
+        ``sharding`` on the mesh (every process gives the same value)."""
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from .mesh import put
+
+        return put(x, sharding)
+
+    def sampling(self, sampling: Sampling) -> Sampling:
+        """``sampling`` as the executables take it (replicated on a mesh)."""
+        if self.mesh is None:
+            return sampling
+        from .mesh import put, replicated
+
+        return jax.tree.map(lambda x: put(x, replicated(self.mesh)), sampling)
 
     def decode_executable(self, plan: Plan):
         """The compiled decode loop of ``plan`` (compiling it if needed): ``(params, state,
@@ -350,15 +431,20 @@ class Engine:
         for i, p in enumerate(prompts):
             ids[i, : len(p)] = p
             lens[i] = len(p)
+        sh = self.shardings(plan) if self.mesh is not None else None
         pv = None
         if plan.n_images and self.cfg.anyres:  # a host AnyresPixels: pad views and index to the plan
-            pv = jax.tree.map(jnp.asarray, anyres.pad(pixel_values, plan.n_images, plan.n_image_tokens))
+            pv = anyres.pad(pixel_values, plan.n_images, plan.n_image_tokens)
+            pv = jax.tree.map(jnp.asarray, pv) if sh is None else jax.tree.map(self._put, pv, sh["pixels"])
         elif plan.n_images:
             pv = np.zeros((plan.n_images, *pixel_values.shape[1:]), np.float32)
             pv[: len(pixel_values)] = pixel_values
-            pv = jnp.asarray(pv)
-        active = jnp.asarray(np.arange(plan.layout.batch) < len(prompts))
-        return Batch(jnp.asarray(ids), jnp.asarray(lens), pv, active, len(prompts))
+            pv = self._put(pv, sh and sh["pixels"])
+        active = np.arange(plan.layout.batch) < len(prompts)
+        if sh is None:
+            return Batch(jnp.asarray(ids), jnp.asarray(lens), pv, jnp.asarray(active), len(prompts))
+        return Batch(self._put(ids, sh["ids"]), self._put(lens, sh["lens"]), pv, self._put(active, sh["active"]),
+                     len(prompts))
 
     def prefill(self, plan: Plan, batch: Batch):
         """(decoding state, logits [B, V] of each row's last prompt token); compiles the plan
@@ -368,7 +454,7 @@ class Engine:
 
     def decode(self, plan: Plan, state, logits, sampling: Sampling, active) -> LoopState:
         """Run the compiled decode loop from the prefill's ``state`` and ``logits``."""
-        return self.decode_executable(plan)(self.params, state, logits, sampling, active)
+        return self.decode_executable(plan)(self.params, state, logits, self.sampling(sampling), active)
 
     def generate(self, prompts, pixel_values, plan: Plan, sampling: Sampling) -> GenerateOutput:
         """Generate for ``prompts`` (lists of token ids, image tokens expanded) under ``plan``."""
@@ -382,6 +468,7 @@ class Engine:
         tokens = np.asarray(out.tokens)
         t2 = time.perf_counter()
         counts = np.asarray(out.count)
+        kept = None if out.kept is None else np.asarray(out.kept)
         kv, dense = self.kv_bytes(plan)
         n = batch.n_rows
         return GenerateOutput(
@@ -395,7 +482,8 @@ class Engine:
             decode_steps=int(np.asarray(out.step)) - 1,
             compile_seconds=compile_s,
             layout=plan.layout,
-            logits=None if out.kept is None else [np.asarray(out.kept[i, : counts[i]]) for i in range(n)],
+            # Sliced on the host: slicing the device array compiles a new slice per token count.
+            logits=None if out.kept is None else [kept[i, : counts[i]].copy() for i in range(n)],
         )
 
     def stream(self, prompts, pixel_values, plan: Plan, sampling: Sampling, max_new_tokens: int, stats: dict | None = None):
@@ -411,8 +499,15 @@ class Engine:
         key = (plan, "stream")
         if key not in self._compiled:
             step = functools.partial(_stream_step, self.graphdef, plan)
-            self._compiled[key] = jax.jit(step, donate_argnums=(1,))
+            if self.mesh is None:
+                self._compiled[key] = jax.jit(step, donate_argnums=(1,))
+            else:  # the state stays in its shardings; what the host reads comes out replicated
+                sh = self.shardings(plan)
+                rep = sh["replicated"]
+                self._compiled[key] = jax.jit(step, donate_argnums=(1,),
+                                              out_shardings=(sh["state"], sh["logits"], rep, rep, rep))
         step_fn = self._compiled[key]
+        sampling = self.sampling(sampling)
         t0 = time.perf_counter()
         state, logits = self.prefill(plan, batch)
         logits.block_until_ready()
@@ -421,8 +516,9 @@ class Engine:
             stats.update(compile_seconds=compile_s, prefill_seconds=time.perf_counter() - t0, kv_cache_bytes=kv,
                          dense_kv_cache_bytes=dense, schedule=plan.schedule)
         done, rng = ~batch.active, sampling.key
-        for step in range(max_new_tokens):
-            state, logits, rng, tok, new_done = step_fn(self.params, state, logits, rng, jnp.int32(step), sampling, done)
+        for n in range(max_new_tokens):
+            step = jnp.int32(n) if self.mesh is None else self._put(np.int32(n), self.shardings(plan)["replicated"])
+            state, logits, rng, tok, new_done = step_fn(self.params, state, logits, rng, step, sampling, done)
             tok, was_done = np.asarray(tok), np.asarray(done)
             yield [None if was_done[i] else int(tok[i]) for i in range(batch.n_rows)]
             done = new_done

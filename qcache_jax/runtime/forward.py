@@ -64,22 +64,27 @@ def sequence_logits(model, input_ids, pixel_values=None, attention_mask=None, la
     return model.head(hidden_states(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl"))
-def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *, mode, loop, impl):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl", "mesh"))
+def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *, mode, loop, impl, mesh=None):
     """Jitted :func:`sequence_logits` over a parameter pytree; ``lazy`` None or a bool array [L]
-    (traced: every schedule of a model shares one compilation)."""
+    (traced: every schedule of a model shares one compilation). With a device ``mesh`` the
+    attention runs per shard and the logits come out replicated."""
     model = nnx.merge(graphdef, params)
-    attn = LazyAttention(mode=mode, impl=impl)
-    return sequence_logits(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop)
+    attn = LazyAttention(mode=mode, impl=impl, mesh=mesh)
+    out = sequence_logits(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop)
+    if mesh is not None:
+        out = jax.lax.with_sharding_constraint(out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return out
 
 
-def attention_probe(model, input_ids, pixel_values, valid, rows, *, loop="scan", impl="auto"):
+def attention_probe(model, input_ids, pixel_values, valid, rows, *, loop="scan", impl="auto", mesh=None):
     """Dense pass that returns every layer's attention probabilities of the query rows ``rows``
     [R]: [L, B, Hq, R, T] float32 (only those R rows of softmax(q K^T) are computed)."""
     h = model.embed(input_ids, pixel_values, loop=loop)
     ctx = _sequence_pass(model, input_ids, valid, probe_rows=rows)
     dense = Schedule.dense(model.cfg.text.num_layers)
-    out = run_layers(model.layers, h, ctx, attn=LazyAttention(impl=impl), lazy=dense, cfg=model.cfg.text, loop=loop)
+    attn = LazyAttention(impl=impl, mesh=mesh)
+    out = run_layers(model.layers, h, ctx, attn=attn, lazy=dense, cfg=model.cfg.text, loop=loop)
     return jnp.stack(out.probes)
 
 

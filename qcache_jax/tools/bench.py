@@ -577,7 +577,7 @@ class Worker:
     """
 
     def __init__(self, engine: str, model: str | None, *, threads: int, seed: int = 0, label: str | None = None,
-                 wait: bool = True):
+                 wait: bool = True, mesh: str | None = None):
         self.engine, self.label = engine, label or engine
         self.log_file = tempfile.NamedTemporaryFile("w+", prefix=f"qcache-bench-{engine}-", suffix=".log", delete=False)
         env = dict(os.environ)
@@ -589,6 +589,12 @@ class Worker:
         args = ["--engine", engine, "--threads", str(threads), "--seed", str(seed)]
         if model is not None:
             args += ["--model", str(model)]
+        if mesh is not None:  # ours on a device mesh "data=D,model=M" (on CPU: D*M host devices)
+            from ..runtime.mesh import parse_mesh
+
+            d, m = parse_mesh(mesh)
+            env.setdefault("JAX_NUM_CPU_DEVICES", str(d * m))
+            args += ["--mesh", mesh]
         # Pinned before anything is imported: XLA sizes its thread pool from the CPUs a process may use.
         cmd = [sys.executable, "-c", _BOOT, ",".join(map(str, cpus or [])), *args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log_file,
@@ -734,3 +740,64 @@ def summarize(result: dict) -> dict:
                                                           "generate_seconds", "peak_rss_bytes")},
     )
     return out
+
+
+# -- scaling out: bytes per device on a mesh (computed from the shardings, not measured) -------------
+
+SCALING_MESHES = ((1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (8, 1))
+DEVICE_MEMORY_GIB = (16, 24, 40, 80, 141)  # TPU v5e, L4, A100-40GB, H100, H200
+# LLaVA-NeXT's tile grids (llava-v1.6), in pixels at CLIP's 336 px.
+_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+def next_13b_config(dtype: str = "bfloat16") -> LlavaConfig:
+    """A LLaVA-NeXT-13B-sized config (llava-v1.6-vicuna-13b: Vicuna-13B, CLIP ViT-L/14 at 336 px,
+    anyres tiles), for sizes only: its weights are never built."""
+    base = preset_config("llava-1.5-7b", dtype=dtype)
+    text = dataclasses.replace(base.text, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
+                               num_kv_heads=40, head_dim=128)
+    return dataclasses.replace(base, text=text, image_grid_pinpoints=_NEXT_PINPOINTS)
+
+
+def mesh_scaling(*, batch: int = 8, text_tokens: int = 1024, lazy_fraction: float = 0.5,
+                 dtype: str = "bfloat16") -> dict:
+    """Bytes per device of the parameters and of the KV cache, dense vs GLA vs VLA, for
+    LLaVA-1.5-7B (one 336 px image: 576 image tokens per row) and LLaVA-NeXT-13B (one 672x672
+    image: base view + 2x2 tiles) at each shape of :data:`SCALING_MESHES`. ``batch`` rows of
+    image tokens + ``text_tokens`` (prompt text and generated tokens) each.
+
+    Computed, not measured: the parameter tree from ``jax.eval_shape`` of the model, the cache
+    from ``jax.eval_shape`` of the engine's ``init_state`` (lazy layers without their K
+    arrays), each array's per-device shard from the real shardings of
+    :mod:`qcache_jax.runtime.mesh` on an abstract mesh of that shape. Activations and compiler
+    workspace are not counted. ``fits`` is the smallest of :data:`DEVICE_MEMORY_GIB` holding
+    parameters + KV cache."""
+    from ..lazy.cache import CacheLayout, state_shapes
+    from ..nn import anyres
+    from ..nn.llava import abstract_model
+    from ..runtime import mesh as m
+
+    models = [("LLaVA-1.5-7B", preset_config("llava-1.5-7b", dtype=dtype), None),
+              ("LLaVA-NeXT-13B", next_13b_config(dtype), (672, 672))]
+    rows = []
+    for name, cfg, size in models:
+        image_len = anyres.image_token_count(size, cfg) if size else cfg.image_tokens_per_image
+        _, params = abstract_model(cfg)
+        schedules = {"dense": lazy_schedule(cfg.text.num_layers, 0.0),
+                     "gla": lazy_schedule(cfg.text.num_layers, lazy_fraction, "gla"),
+                     "vla": lazy_schedule(cfg.text.num_layers, lazy_fraction, "vla")}
+        for data, model in SCALING_MESHES:
+            mesh = m.abstract_mesh(data, model)
+            row = {"model": name, "mesh": [data, model], "devices": data * model, "image_tokens": image_len,
+                   "param_bytes_per_device": m.per_device_bytes(params, m.param_shardings(params, cfg, mesh)),
+                   "param_bytes_total": count_params(params)[1]}
+            for label, schedule in schedules.items():
+                layout = CacheLayout(batch=batch, image_len=image_len, text_len=text_tokens, schedule=schedule)
+                state = state_shapes(layout, cfg.text, dtype)
+                shardings = m.named(m.state_specs(state, mesh), mesh)
+                row[f"kv_bytes_per_device_{label}"] = m.per_device_bytes(state.layers, shardings.layers)
+                total = (row["param_bytes_per_device"] + row[f"kv_bytes_per_device_{label}"]) / GIB
+                row[f"fits_{label}"] = next((g for g in DEVICE_MEMORY_GIB if total <= g), None)
+            rows.append(row)
+    return {"batch": batch, "text_tokens": text_tokens, "lazy_fraction": lazy_fraction, "dtype": dtype,
+            "device_memory_gib": list(DEVICE_MEMORY_GIB), "rows": rows}

@@ -115,10 +115,14 @@ class OursEngine(NoEngine):
 
             preset, layers = parse_random(args.model)
             self.model = random_model(preset_config(preset, num_layers=layers), seed=args.seed)
+            if args.mesh:
+                from ..api import QCacheModel
+
+                self.model = QCacheModel(self.model.config, self.model.params, mesh=args.mesh)
         else:
             from ..api import load
 
-            self.model = load(args.model)
+            self.model = load(args.model, mesh=args.mesh)
         import jax
 
         jax.block_until_ready(self.model.params)
@@ -401,6 +405,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mesh", default=None, help="ours: run on a device mesh data=D,model=M")
     args = p.parse_args(argv)
     # The answers get the real stdout; whatever a library prints goes to stderr.
     proto = os.fdopen(os.dup(1), "w", buffering=1)

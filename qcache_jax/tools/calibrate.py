@@ -52,7 +52,7 @@ from .._files import write_atomic
 from ..errors import QCacheError
 from ..images import check_image
 from ..lazy.cache import CacheLayout, layout_kv_bytes
-from ..lazy.schedule import MODES, SCHEDULE_FILE, Schedule, check_mode
+from ..lazy.schedule import SCHEDULE_FILE, Schedule, check_mode
 from ..runtime.engine import bucket
 from ..runtime.forward import attention_probe
 from .jsonl import json_lines, read_text
@@ -155,11 +155,12 @@ def _pairwise(p, weight):
     return {"heads": heads, "averaged": avg}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _sample_divergences(graphdef, params, input_ids, pixel_values, valid, rows, weight):
-    """{"gla": whole rows, "vla": image part renormalised} -> pairwise JSD for one sample (B=1)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def _sample_divergences(graphdef, params, input_ids, pixel_values, valid, rows, weight, mesh=None):
+    """{"gla": whole rows, "vla": image part renormalised} -> pairwise JSD for one sample (B=1).
+    ``mesh``: the model's device mesh (attention per shard), or None."""
     model = nnx.merge(graphdef, params)
-    probs = attention_probe(model, input_ids, pixel_values, valid, rows)[:, 0].transpose(0, 2, 1, 3)
+    probs = attention_probe(model, input_ids, pixel_values, valid, rows, mesh=mesh)[:, 0].transpose(0, 2, 1, 3)
     vis = input_ids[0] == model.cfg.image_token_id
     image = jnp.where(vis, probs, 0.0)
     mass = image.sum(-1, keepdims=True)
@@ -224,7 +225,8 @@ def collect_divergences(
     for s in tqdm(samples, desc="calibrating", unit="sample", disable=not progress):
         ids, pixel_values = model.encode(s.prompt, [s.image])
         input_ids, valid, row_idx, weight = _padded_inputs(ids, image_token_id, rows)
-        out = _sample_divergences(model.graphdef, model.params, input_ids, pixel_values, valid, row_idx, weight)
+        out = _sample_divergences(model.graphdef, model.params, input_ids, pixel_values, valid, row_idx, weight,
+                                  mesh=getattr(model, "mesh", None))
         per_sample.append(jax.device_get(out))
     return {
         part: Divergence(*(np.stack([d[part][k] for d in per_sample]) for k in ("heads", "averaged")))

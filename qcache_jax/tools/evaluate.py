@@ -232,7 +232,7 @@ def packed_exact_match(graphdef, params, encoder, groups, layout, schedule, *, r
 def _packed_eval_step(graphdef, mode: str):
     import jax
 
-    from .train import answer_logits, answer_stats
+    from .scoring import answer_logits, answer_stats
 
     @jax.jit
     def step(params, batch, lazy):
