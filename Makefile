@@ -19,9 +19,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m qcache_jax.demo
 
-# Notebooks run under nbmake on the tiny local model (QCACHE_NOTEBOOK_TINY=1), in .nbrun/.
+# Notebooks run under nbmake offline, in .nbrun/: the quickstart and calibration notebooks on the
+# real-weights demo model (QCACHE_NOTEBOOK_OFFLINE=1), the accelerator benchmark on a tiny model on
+# CPU (QCACHE_NOTEBOOK_TINY=1).
 test: $(STAMP)
-	QCACHE_NOTEBOOK_TINY=1 QCACHE_NOTEBOOK_DIR=$(CURDIR)/.nbrun $(PY) -m pytest -q tests --nbmake notebooks
+	QCACHE_NOTEBOOK_OFFLINE=1 QCACHE_NOTEBOOK_TINY=1 QCACHE_NOTEBOOK_DIR=$(CURDIR)/.nbrun \
+	QCACHE_CACHE=$(CURDIR)/.nbrun/cache $(PY) -m pytest -q tests --nbmake notebooks
 
 clean:
 	rm -rf $(VENV) .demo .nbrun .pytest_cache

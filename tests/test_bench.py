@@ -229,6 +229,78 @@ def test_presets_and_schedules():
         bench.make_inputs(bench.preset_config("tiny-text"), batch=1, prompt_tokens=5, image_tokens=16)
 
 
+def test_next_presets_are_real_anyres_inputs():
+    """The NeXT presets' image token counts come from the model's own anyres packing; their
+    inputs are LlavaNextProcessor-shaped (views per image, image_sizes); --image-tokens picks
+    the image size or is refused."""
+    from qcache_jax.nn import anyres
+    from qcache_jax.nn.llava import abstract_model
+
+    for name in bench.NEXT_PRESETS:
+        cfg = bench.preset_config(name)
+        assert cfg.anyres and bench.default_image_tokens(cfg) == anyres.image_token_count(
+            bench.default_image_size(cfg), cfg)
+    # next-cpu / llava-next-7b: one 672x672 image = base view (24 x 24) + 2x2 tiles (48 rows of 48) + 48 newlines.
+    for name in ("next-cpu", "llava-next-7b"):
+        cfg = bench.preset_config(name)
+        assert cfg.image_grid_pinpoints == bench.NEXT_PINPOINTS and bench.default_image_size(cfg) == (672, 672)
+        assert bench.default_image_tokens(cfg) == 576 + 48 * (48 + 1) == 2928
+    # llava-v1.6-vicuna-7b's sizes, from eval_shape alone (never built on CPU here).
+    n_7b, bytes_7b = bench.count_params(abstract_model(bench.preset_config("llava-next-7b", dtype="bfloat16"))[1])
+    assert 7.0e9 < n_7b < 7.1e9 and bytes_7b == 2 * n_7b
+    # next-cpu: cpu-300m's decoder and tower, plus image_newline.
+    n_cpu = [bench.count_params(abstract_model(bench.preset_config(n))[1])[0] for n in ("next-cpu", "cpu-300m")]
+    assert n_cpu[0] == n_cpu[1] + 1024
+
+    cfg = bench.preset_config("tiny-next")  # 28 px views of 16 tokens, v1.6's grids scaled to 28 px
+    assert bench.default_image_size(cfg) == (56, 56) and bench.default_image_tokens(cfg) == 16 + 8 * 9
+    counts = bench.next_image_tokens(cfg)
+    for n, size in counts.items():
+        assert bench.next_image_size(cfg, n) == size and anyres.image_token_count(size, cfg) == n
+    inputs = bench.bench_inputs(cfg, batch=3, prompt_tokens=5, image_tokens=52)
+    size = tuple(inputs["image_sizes"][0])
+    assert inputs["image_sizes"].tolist() == [list(size)] * 3 and anyres.image_token_count(size, cfg) == 52
+    assert inputs["pixel_values"].shape == (3, anyres.num_views(size, cfg), 3, 28, 28)
+    assert inputs["input_ids"].shape == (3, 1 + 52 + 5) and ((inputs["input_ids"] == 255).sum(1) == 52).all()
+    assert bench.bench_inputs(cfg, batch=1, prompt_tokens=5, image_tokens=0)["pixel_values"] is None
+    missing = next(n for n in range(min(counts), max(counts)) if n not in counts)
+    with pytest.raises(QCacheError, match=f"--image-tokens {missing}: no image size"):
+        bench.bench_inputs(cfg, batch=1, prompt_tokens=5, image_tokens=missing)
+    with pytest.raises(QCacheError, match="image_sizes"):
+        bench.make_inputs(cfg, batch=1, prompt_tokens=5, image_tokens=88)
+
+
+def test_next_bench_run_dense_and_lazy(capsys):
+    """random:tiny-next in a worker: the engine ran one image per row whose size gives exactly
+    the requested image tokens (counted in the input_ids it generated from), dense and GLA,
+    and the report names the image."""
+    from qcache_jax.cli.bench import bench_report, format_report
+    from qcache_jax.nn import anyres
+
+    cfg = bench.preset_config("tiny-next", num_layers=2)
+    req = {"batch": 2, "prompt_tokens": 3, "image_tokens": 52, "new_tokens": 3, "seed": 0}
+    with bench.Worker("ours", "random:tiny-next:2", threads=1) as w:
+        jobs = [bench.Job("dense", w, dict(req, lazy=None, mode=None)),
+                bench.Job("gla", w, dict(req, lazy=[False, True], mode="gla"))]
+        results = {k: bench.summarize(v) for k, v in bench.interleave(jobs, 1).items()}
+        vla = w.request("plan", **req, lazy=[False, True], mode="vla")
+        with pytest.raises(QCacheError, match="no image size"):
+            w.request("run", **dict(req, image_tokens=17))
+    size = bench.next_image_size(cfg, 52)
+    for name, r in results.items():
+        assert r["prompt_image_tokens"] == anyres.image_token_count(r["image_size"], cfg) == 52, name
+        assert tuple(r["image_size"]) == size and r["image_views"] == anyres.num_views(size, cfg)
+        assert r["prompt_len"] == 1 + 52 + 3 and [len(t) for t in r["token_ids"]] == [3, 3]
+        assert r["cache_image_len"] >= 52
+    dense, gla = results["dense"], results["gla"]
+    assert gla["lazy_layers"] == [1] and gla["kv_cache_bytes"] == 0.75 * dense["kv_cache_bytes"]
+    share = vla["cache_image_len"] / (vla["cache_image_len"] + vla["cache_text_len"])  # VLA drops visual keys
+    assert vla["kv_cache_bytes"] == pytest.approx(dense["kv_cache_bytes"] * (1 - 0.25 * share))
+    rep = bench_report("random:tiny-next:2", results, threads=1, image_tokens=52, prompt_tokens=3, image_size=size)
+    assert all(r["image_size"] == list(size) and r["prompt_image_tokens"] == 52 for r in rep["runs"])
+    assert f"one {size[0]}x{size[1]} image per row" in format_report(rep)
+
+
 def test_f32_gguf_holds_the_checkpoint_weights(cache_dir, tmp_path):
     """The llama.cpp GGUF is written from our checkpoint: reading it back gives the same tensors."""
     from qcache_jax.io.checkpoint import load_params, read_config
@@ -283,6 +355,8 @@ def test_cli_json_fields(capsys):
         (["random:tiny:x"], "LAYERS"),
         (["random:tiny:2", "--image-tokens", "5"], "multiple"),
         (["random:tiny-text", "--image-tokens", "16"], "text-only"),
+        (["random:tiny-next:2", "--image-tokens", "17"], "no image size"),
+        (["random:tiny-next:2", "--image-tokens", "-3"], ">= 0"),
         (["random:tiny:2", "--lazy", "0"], "layer 0"),
         (["random:tiny:2", "--lazy", "1", "--mode", "gla", "--new-tokens", "1"], "new-tokens"),
         (["random:tiny:2", "--batch", "0"], "batch"),

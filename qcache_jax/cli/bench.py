@@ -1,13 +1,23 @@
 """``qcache bench``: time dense and lazy generate on a checkpoint or a random benchmark model.
 
 CKPT is a checkpoint directory, or random:PRESET[:LAYERS] for a model with random weights
-built on the spot (presets: cpu-300m, tiny, tiny-text, llava-1.5-7b). The inputs are
-synthetic: per row BOS, --image-tokens image tokens (whole images, random pixels) and
---prompt-tokens random text tokens; EOS is disabled, so every row generates --new-tokens
-tokens. The model runs in a worker process pinned to --threads CPUs. With a lazy schedule
+built on the spot (presets: cpu-300m, tiny, tiny-text, llava-1.5-7b; LLaVA-NeXT: next-cpu,
+tiny-next, llava-next-7b). The inputs are synthetic: per row BOS, --image-tokens image tokens
+(whole images, random pixels) and --prompt-tokens random text tokens; EOS is disabled, so
+every row generates --new-tokens tokens.
+
+The model runs in a worker process pinned to --threads CPUs. With a lazy schedule
 dense runs too, in alternating rounds: lazy/dense is the ratio of the median decode
 tokens/s, printed beside the bandwidth model's prediction (dense bytes read per decode step
 / lazy bytes read per step). Compile time (the first call) is reported apart.
+
+LLaVA-NeXT (the NeXT presets, or a NeXT checkpoint) gets real anyres inputs: one image per row,
+as LlavaNextProcessor gives it (pixel values of its base view and tiles, and its image size),
+with as many image tokens as the model's own packing gives that size (base view + the unpadded
+tile grid + one image_newline per grid row). --image-tokens picks the image size: by default
+the largest pinpoint grid, filled (next-cpu and llava-next-7b: 672x672, 576 + 2x2 tiles of 576
++ 48 newlines = 2928 tokens; tiny-next: 56x56, 88 tokens); a count no image size gives is an
+error naming the nearest ones.
 
 The full benchmark against Hugging Face and llama.cpp is python -m benchmarks.run.
 """
@@ -31,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=1, help="rows generated together")
     p.add_argument("--prompt-tokens", type=int, default=32, help="random text tokens per row besides BOS and images")
     p.add_argument("--image-tokens", type=int, default=None,
-                   help="image tokens per row, a multiple of one image's tokens; None = one image (0 for a text-only model)")
+                   help="image tokens per row: a multiple of one image's tokens (LLaVA-NeXT: the tokens of one image "
+                        "of some size, which is then used); None = one image (0 for a text-only model)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (>= 2)")
     add_lazy_options(p)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up call")
@@ -70,9 +81,8 @@ def run_bench(args) -> int:
     threads = bench.cpu_count() if args.threads is None else args.threads
     bench.pinned_cpus(threads)
     cfg, model_arg, ckpt_dir = bench_config(args.ckpt)
-    per = cfg.image_tokens_per_image
-    image_tokens = per if args.image_tokens is None else args.image_tokens
-    bench.make_inputs(cfg, batch=1, prompt_tokens=0, image_tokens=image_tokens)  # validates --image-tokens
+    image_tokens = bench.default_image_tokens(cfg) if args.image_tokens is None else args.image_tokens
+    image_size = bench.image_size_for(cfg, image_tokens)  # validates --image-tokens (NeXT: its image size)
     schedule = Schedule.resolve(args.lazy, cfg.text.num_layers, mode=args.mode, ckpt_dir=ckpt_dir)
     req = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "image_tokens": image_tokens,
            "new_tokens": args.new_tokens, "seed": args.seed}
@@ -87,14 +97,18 @@ def run_bench(args) -> int:
         jobs = [bench.Job(name, w, dict(req, lazy=None if s is None else list(s.lazy), mode=None if s is None else s.mode))
                 for name, s in configs.items()]
         results = {k: bench.summarize(v) for k, v in bench.interleave(jobs, args.repeats).items()}
-    report = bench_report(args.ckpt, results, threads=threads, image_tokens=image_tokens, prompt_tokens=args.prompt_tokens)
+    report = bench_report(args.ckpt, results, threads=threads, image_tokens=image_tokens, prompt_tokens=args.prompt_tokens,
+                          image_size=image_size)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
-def bench_report(ckpt: str, results: dict, *, threads: int, image_tokens: int, prompt_tokens: int) -> dict:
+def bench_report(ckpt: str, results: dict, *, threads: int, image_tokens: int, prompt_tokens: int,
+                 image_size=None) -> dict:
     """The JSON object ``qcache bench --json`` prints: the machine, one entry per configuration
-    (medians), and the lazy/dense decode ratio beside the bandwidth model's."""
+    (medians), and the lazy/dense decode ratio beside the bandwidth model's. ``image_size``
+    (LLaVA-NeXT): the (height, width) of each row's image; ``image_views``: its base view +
+    tiles."""
     from ..tools import bench
 
     dense = results["dense"]
@@ -104,6 +118,8 @@ def bench_report(ckpt: str, results: dict, *, threads: int, image_tokens: int, p
         runs.append({
             "config": name, "mode": r["mode"], "lazy_layers": r["lazy_layers"], "batch": r["batch"],
             "cache_rows": r["cache_rows"], "prompt_tokens": prompt_tokens, "image_tokens": image_tokens,
+            "prompt_image_tokens": r.get("prompt_image_tokens"),  # counted in the input_ids the engine ran
+            "image_size": None if image_size is None else list(image_size), "image_views": r.get("image_views"),
             "new_tokens": r["new_tokens"], "kv_cache_bytes": r["kv_cache_bytes"],
             "dense_kv_cache_bytes": r["dense_kv_cache_bytes"],
             "kv_saved_fraction": 1 - r["kv_cache_bytes"] / r["dense_kv_cache_bytes"],
@@ -123,8 +139,13 @@ def bench_report(ckpt: str, results: dict, *, threads: int, image_tokens: int, p
 def format_report(report: dict) -> str:
     """A markdown table of a :func:`bench_report`."""
     v = report["versions"]
-    lines = [
-        f"qcache bench {report['checkpoint']}  ({report['cpu']}, {report['threads']} threads, jax {v['jax']})",
+    first = report["runs"][0]
+    lines = [f"qcache bench {report['checkpoint']}  ({report['cpu']}, {report['threads']} threads, jax {v['jax']})"]
+    if first.get("image_size"):
+        h, w = first["image_size"]
+        lines.append(f"LLaVA-NeXT: one {h}x{w} image per row ({first['image_views']} views: base + tiles) -> "
+                     f"{first['image_tokens']} image tokens; {first['prompt_tokens']} text tokens besides BOS")
+    lines += [
         "",
         "| config | lazy layers | batch | KV cache MiB | KV saved | MiB read/step | compile s | prefill s | "
         "decode tok/s | ms/step | lazy/dense | model | peak RSS MiB |",

@@ -112,31 +112,56 @@ def _retention_table() -> None:
     print(f"question-only baseline (no image): {r['baseline']['all']:.3f}")
 
 
-def _converter_check() -> None:
-    """A random LLaVA built with transformers and converted: same logits and greedy tokens."""
+def _check_converted(name: str, hf_model, image) -> None:
+    """Save a transformers model (with its tokenizer and processor) under .demo/hf-NAME, convert
+    it to .demo/NAME, and compare: max |logits diff| of one prompt with ``image`` through the
+    checkpoint's own processor, and greedy tokens against HF generate."""
     import torch
-    from transformers import LlavaForConditionalGeneration
 
     from .. import load
     from ..io.convert import convert_hf
-    from .hf_models import build_hf_llava, save_hf
+    from .hf_models import save_hf
 
-    hf_dir, ckpt = DEMO_DIR / "hf-tiny-random-llava", DEMO_DIR / "tiny-random-llava"
+    hf_dir, ckpt = DEMO_DIR / f"hf-{name}", DEMO_DIR / name
     shutil.rmtree(hf_dir, ignore_errors=True)
-    save_hf(build_hf_llava(seed=0, hidden_size=64, intermediate_size=128, num_layers=8), hf_dir, with_processor=True)
+    save_hf(hf_model, hf_dir, with_processor=True)
     convert_hf(hf_dir, ckpt, force=True, progress=False)
     model = load(ckpt)
-    image, question = demo_image(), "what color is the circle ?"
-    ids, pv = model.encode(question, [image])
-    hf = LlavaForConditionalGeneration.from_pretrained(str(hf_dir)).eval()
+    question = "what color is the circle ?"
+    ids, pv, *sizes = model.encode(question, [image])  # LLaVA-NeXT: + image_sizes [1, 2]
+    hf = type(hf_model).from_pretrained(str(hf_dir)).eval()
+    kw = {"input_ids": torch.tensor([ids]), "pixel_values": torch.tensor(pv)}
+    if sizes:
+        kw["image_sizes"] = torch.tensor(sizes[0])
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(pv)).logits.numpy()
-        hf_tokens = hf.generate(input_ids=torch.tensor([ids]), pixel_values=torch.tensor(pv), max_new_tokens=12,
-                                do_sample=False)[0, len(ids):].tolist()
+        ref = hf(**kw).logits.numpy()
+        hf_tokens = hf.generate(**kw, max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
     ours = model.generate(question, image, max_new_tokens=12)
-    print(f"\nconverter check ({ckpt}: random weights, built with transformers and converted):")
-    print(f"  max |logits(JAX) - logits(HF PyTorch)| = {np.abs(model.logits([ids], pv) - ref).max():.2e} (float32); "
+    err = np.abs(model.logits([ids], pv, image_sizes=sizes[0] if sizes else None) - ref).max()
+    what = f"{type(hf_model).__name__}"
+    if sizes:
+        h, w = (int(x) for x in sizes[0][0])
+        n_img = ids.count(model.config.image_token_id)
+        what += (f"; a {w}x{h} picture through its LlavaNextProcessor: {pv.shape[1]} views (base + tiles), "
+                 f"{n_img} image tokens")
+    print(f"  {ckpt} ({what}):")
+    print(f"    max |logits(JAX) - logits(HF PyTorch)| = {err:.2e} (float32); "
           f"greedy tokens identical to HF generate: {'yes' if hf_tokens == ours.token_ids[0] else 'NO'}")
+
+
+def _converter_check() -> None:
+    """Random LLaVA-1.5 and LLaVA-NeXT models built with transformers and converted: same
+    logits and greedy tokens."""
+    from .hf_models import build_hf_llava, build_hf_llava_next
+
+    print("\nconverter check (random weights, built with transformers and converted):")
+    _check_converted("tiny-random-llava", build_hf_llava(seed=0, hidden_size=64, intermediate_size=128, num_layers=8),
+                     demo_image())
+    # LLaVA-NeXT (anyres): 28 px CLIP views, LLaVA-v1.6's tile grids scaled from 336 to 28 px, and
+    # a wide (non-square) picture, so the tile grid is cropped back to its aspect ratio.
+    _check_converted("tiny-random-llava-next",
+                     build_hf_llava_next(seed=0, hidden_size=64, intermediate_size=128, num_layers=8),
+                     demo_image().resize((64, 36)))
 
 
 def _calibration(model) -> None:

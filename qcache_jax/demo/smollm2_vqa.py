@@ -320,7 +320,7 @@ class Recipe:
     parts at ``lr_new``, SmolLM2's top ``n_top`` layers and final norm at ``lr_decoder``; the
     decoder computed in bfloat16 (float32 master weights)."""
 
-    steps: int = 900
+    steps: int = 700
     tower_steps: int = 400  # the tower first learns shape and colour on its own (see pretrain_tower)
     images: int = 16
     slots: int = 2
@@ -331,7 +331,7 @@ class Recipe:
     end_lr_fraction: float = 0.05
     seed: int = 0
     val_images: int = 100
-    eval_every: int = 100
+    eval_every: int = 700  # a validation pass costs minutes on 2 cores: validate at the end
     save_every: int = 50
 
 

@@ -109,6 +109,12 @@ def kv_cache_bytes(state: DecodingState) -> int:
 
 def layout_kv_bytes(layout: CacheLayout, cfg: TextConfig, dtype) -> tuple[int, int]:
     """(KV bytes, dense KV bytes) of ``layout``, from the array shapes :func:`init_state` makes."""
+    return _layout_kv_bytes(layout, cfg, jnp.dtype(dtype))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_kv_bytes(layout: CacheLayout, cfg: TextConfig, dtype) -> tuple[int, int]:
+    # Tracing init_state costs ~0.5 s; generate asks for the same layout on every call.
     return (
         kv_cache_bytes(state_shapes(layout, cfg, dtype)),
         kv_cache_bytes(state_shapes(layout.dense(), cfg, dtype)),

