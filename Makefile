@@ -24,7 +24,8 @@ demo: $(STAMP)
 # CPU (QCACHE_NOTEBOOK_TINY=1).
 test: $(STAMP)
 	QCACHE_NOTEBOOK_OFFLINE=1 QCACHE_NOTEBOOK_TINY=1 QCACHE_NOTEBOOK_DIR=$(CURDIR)/.nbrun \
-	QCACHE_CACHE=$(CURDIR)/.nbrun/cache $(PY) -m pytest -q tests --nbmake notebooks
+	QCACHE_CACHE=$(CURDIR)/.nbrun/cache QCACHE_BENCH_CACHE=$(CURDIR)/.nbrun/bench \
+	$(PY) -m pytest -q tests --nbmake --nbmake-timeout=1200 notebooks
 
 clean:
 	rm -rf $(VENV) .demo .nbrun .pytest_cache

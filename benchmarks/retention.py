@@ -56,6 +56,7 @@ def log(msg: str) -> None:
 
 
 def test_subset(test, n_images: int):
+    """(every question of the first ``n_images`` test images, those image ids)."""
     ids = sorted({e.image_id for e in test})[:n_images]
     keep = set(ids)
     return [e for e in test if e.image_id in keep], ids
@@ -119,6 +120,7 @@ def accuracy_plot(rows, path: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """Calibrate, measure, tune and write RETENTION.md (see the module docstring)."""
     import jax
 
     from qcache_jax.tools.calibrate import collect_divergences, load_samples, select_by_fraction
@@ -140,6 +142,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
     tune_fractions = {float(f) for f in args.tune_fractions.split(",") if f}
+    if args.ship and not (0.5 in fractions and 0.5 in tune_fractions):
+        ap.error("--ship ships the tuned 0.5 variants: 0.5 must be in --fractions and --tune-fractions")
     work = Path(args.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -216,7 +220,7 @@ def main(argv=None) -> int:
         adapters = Adapters(rank=args.rank, layers=tuple(range(1, cfg.text.num_layers)))
         result = fit(graphdef, params, tc, lambda s: tenc.batch(stream(s), tlay), trainable=NOTHING,
                      adapters=adapters, work_dir=work / f"tune-{name}", progress=False, log=log,
-                     meta={"schedule": schedule.to_json(), "rank": args.rank})
+                     meta={"schedule": schedule.to_json(), "rank": args.rank, "model": ckpt.name})
         tuned = result.params
         tuned_params[name] = tuned
         rows[f"{name} tuned"] = dict(kind="tuned", mode=mode, lazy_fraction=frac, lazy_layers=schedule.lazy_layers,

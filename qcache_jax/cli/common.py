@@ -63,6 +63,8 @@ def mesh_arg(args):
     if spec is not None:
         mesh.parse_mesh(spec)
     if dist is not None:
+        if spec is None:  # joined processes would each run the whole model alone
+            raise QCacheError("--distributed needs --mesh: a mesh over every process's devices")
         mesh.parse_distributed(dist)
         mesh.initialize_distributed(dist)
     return spec

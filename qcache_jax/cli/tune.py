@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import QCacheError
 from .common import add_lazy_options, add_parser, add_quiet, progress, positive
 
@@ -16,10 +18,13 @@ def run(args) -> int:
     if not args.lr > 0:
         raise QCacheError(f"--lr must be > 0, got {args.lr}")
     if args.data is None:
-        from ..api import load
         from ..demo.train_demo import synthetic_source
+        from ..io.checkpoint import read_config
 
-        size = load(args.ckpt).config.vision.image_size
+        cfg = read_config(Path(args.ckpt))
+        if cfg.vision is None:
+            raise QCacheError(f"{args.ckpt}: a text-only checkpoint; the synthetic task needs images: pass --data")
+        size = cfg.vision.image_size
         data = synthetic_source(args.seed, args.batch_size, image_size=size)
     else:
         data = args.data

@@ -41,6 +41,7 @@ class QA:
 
 
 def answer_kind(answer: str) -> str:
+    """``yesno``, ``color`` or ``shape``: the kind of question an easy-VQA answer belongs to."""
     if answer in ("yes", "no"):
         return "yesno"
     if answer in COLORS:

@@ -39,6 +39,9 @@ IMAGE_SIZE, PATCH_SIZE = 64, 8
 TOWER = VisionConfig(hidden_size=192, intermediate_size=768, num_layers=4, num_heads=3, image_size=IMAGE_SIZE,
                      patch_size=PATCH_SIZE)
 PARTS_FORMAT = "qcache-smollm2-easyvqa/1"
+# Part of the assembled checkpoint's cache key: bump when assembly (conversion, tokenizer,
+# processor, chat template, checkpoint format) changes, so a stale cached copy is not reused.
+ASSEMBLY_VERSION = 2
 # The shipped parts (QCACHE_DEMO_PARTS points elsewhere, e.g. at a freshly trained model).
 PARTS_DIR = Path(os.environ.get("QCACHE_DEMO_PARTS", Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-easyvqa"))
 # SmolLM2's ChatML without its default system prompt; user content is a string or a list of
@@ -195,8 +198,8 @@ def save_parts(out: Path, cfg: LlavaConfig, params: dict, base: dict, *, n_top: 
         os.chmod(tmp / "trained.safetensors", 0o666 & ~current_umask())
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         (tmp / "qcache_config.json").write_text(cfg.to_json())
-        for f in out.glob("adapters-*") if out.is_dir() else ():
-            (tmp / f.name).write_bytes(f.read_bytes())
+        # Tuned variants and calibrated schedules belong to the parts they were made on: a
+        # retrained model starts without them (benchmarks/retention.py --ship adds new ones).
     return out
 
 
@@ -272,8 +275,10 @@ def with_variant(model, name: str, parts: Path = PARTS_DIR):
         w = np.asarray(flat[key], np.float32)
         flat[key] = (w + ad[f"{key}/a"].astype(np.float32) @ ad[f"{key}/b"].astype(np.float32)).astype(w.dtype)
     params = jax.device_put(_unflatten(flat, model.params))
+    # path stays the dense checkpoint's: lazy="auto" there reads its schedule.json, not this
+    # variant's; pass the returned schedule instead.
     tuned = QCacheModel(model.config, params, path=model.path, tokenizer=model.tokenizer, processor=model.processor,
-                        log=model.log)
+                        log=model.log, mesh=model.mesh)
     return tuned, schedule
 
 
@@ -294,7 +299,7 @@ def checkpoint(variant: str | None = None, *, parts: Path = PARTS_DIR, log: Call
         if (parts / name).is_file():
             key.update(name.encode() + (parts / name).read_bytes())
     gguf = smollm2_gguf()
-    key.update(f"{gguf.name}:{gguf.stat().st_size}:{variant}".encode())
+    key.update(f"{gguf.name}:{gguf.stat().st_size}:{variant}:{PARTS_FORMAT}:{ASSEMBLY_VERSION}".encode())
     out = cache_dir() / f"smollm2-easyvqa{'-' + variant if variant else ''}-{key.hexdigest()[:12]}"
     if (out / "qcache_config.json").is_file():
         return out

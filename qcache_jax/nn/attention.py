@@ -24,6 +24,7 @@ DATA, MODEL = "data", "model"  # the mesh axes: batch rows, tensor parallel (hea
 
 
 def axis_size(mesh, axis: str) -> int:
+    """How many devices ``mesh`` has along ``axis`` (1 when it has no such axis)."""
     return int(dict(mesh.shape).get(axis, 1))
 
 

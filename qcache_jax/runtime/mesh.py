@@ -118,6 +118,7 @@ def as_mesh(mesh) -> Mesh | None:
 
 
 def describe(mesh) -> str:
+    """The mesh as the ``--mesh`` spec that makes it, e.g. ``data=2,model=4``."""
     return f"data={axis_size(mesh, DATA)},model={axis_size(mesh, MODEL)}"
 
 
@@ -203,6 +204,7 @@ def named(specs, mesh):
 
 
 def replicated(mesh) -> NamedSharding:
+    """The sharding that keeps a whole copy on every device of ``mesh``."""
     return NamedSharding(mesh, P())
 
 

@@ -31,6 +31,8 @@ FIELDS = ("image", "question", "answer")
 
 @dataclasses.dataclass(frozen=True)
 class Record:
+    """One line of an evaluation JSONL: the image file, the question and its reference answer."""
+
     image: Path
     question: str
     answer: str
@@ -190,6 +192,7 @@ def evaluate(
 
 
 def format_result(res: EvalResult, label: str = "") -> str:
+    """The one-paragraph human summary ``qcache eval`` prints (accuracy, per kind, KV, speed)."""
     yn = f", yes/no {res.yes_no_accuracy:.3f} ({res.yes_no_n})" if res.yes_no_accuracy is not None else ""
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in res.per_kind.items())
     lazy = format_layers(res.lazy_layers) + f" ({res.mode})"

@@ -594,11 +594,13 @@ def write_checkpoint(out: Path, cfg: LlavaConfig, params, processor, *, hf_confi
 
 
 def default_work_dir(out: Path) -> Path:
+    """Where a run writing ``out`` keeps its resumable state: ``.<name>.train`` beside it."""
     out = Path(out).absolute()
     return out.parent / f".{out.name}.train"
 
 
 def prepare_out(out: Path, force: bool) -> Path:
+    """``out`` as an absolute path, refused (one-line error) when it exists and ``force`` is off."""
     out = Path(out).expanduser().absolute()
     if out.exists() and not force:
         raise QCacheError(f"{out} already exists (use --force to overwrite)")
@@ -674,12 +676,16 @@ def tune(
     tc = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
                      seed=seed, lazy=schedule.lazy, mode=schedule.mode, distill=distill,
                      eval_every=max(1, min(100, steps)))
+    if model.config.anyres:  # a prompt's length depends on its image's size
+        raise QCacheError(f"{ckpt}: tune does not support LLaVA-NeXT (anyres) checkpoints yet")
     seq_len = 32
     batcher = Batcher(model.processor, seq_len=seq_len)
     val = source.validation
-    probe = [batcher.prompt_ids(e.question, e.image) for e in val[:1]]
-    if probe and len(probe[0]) + 8 > seq_len:
-        batcher.seq_len = seq_len = int(2 ** np.ceil(np.log2(len(probe[0]) + 8)))
+    # The rows' length is fixed before training: sized from the longest validation prompt, with
+    # headroom for longer training questions (a row that still does not fit is a clear error).
+    longest = max((len(batcher.prompt_ids(e.question, e.image)) for e in val), default=0)
+    if longest + 8 > seq_len:
+        batcher.seq_len = seq_len = int(2 ** np.ceil(np.log2(longest + 8)))
     val_batches = [batcher(val[i : i + 64]) for i in range(0, len(val), 64)]
     meta = {"checkpoint": str(Path(ckpt).absolute()), "data": source.name}
     teacher = model.params if distill > 0 else None
