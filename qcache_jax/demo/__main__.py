@@ -190,8 +190,11 @@ def _calibration(model) -> None:
 def main() -> None:
     """Dense / GLA / VLA answers, the accuracy / KV / speed table, the converter check and a
     calibration run; all on this machine, no download."""
+    from transformers.utils import logging as hf_logging
+
     from . import easy_vqa as E
 
+    hf_logging.disable_progress_bar()  # the converter check's save/load bars are noise here
     t0 = time.perf_counter()
     DEMO_DIR.mkdir(exist_ok=True)
     models = _models()
