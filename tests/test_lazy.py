@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from qcache_jax import QCacheError, convert_hf, load
+from qcache_jax import QCacheError
 from qcache_jax.demo.hf_models import build_hf_llava
 from lazy_reference import lazy_logits_reference
-from tiny_models import make_inputs
+from tiny_models import converted, make_inputs
 
 TOL = 1e-4
 SCHEDULES = ["1", "1-3", "2,4-5", "1,3,5"]
@@ -19,10 +19,7 @@ SCHEDULES = ["1", "1-3", "2,4-5", "1,3,5"]
 def lazy_pair(tmp_path_factory):
     """(HF model, converted model) with 6 layers, GQA, one image of 16 tokens."""
     hf = build_hf_llava(seed=21, num_layers=6)
-    d = tmp_path_factory.mktemp("lazy")
-    hf.save_pretrained(str(d / "hf"))
-    convert_hf(d / "hf", d / "ckpt", progress=False)
-    return hf, load(d / "ckpt")
+    return hf, converted(hf, tmp_path_factory.mktemp("lazy"))
 
 
 @pytest.mark.parametrize("mode", ["gla", "vla"])
@@ -72,9 +69,7 @@ def test_zero_residual_construction_changes_nothing(tmp_path, rng, mode):
         # layer 3's input equals layer 2's only if layer 2 adds nothing either
         lm.layers[2].self_attn.o_proj.weight.zero_()
         lm.layers[2].mlp.down_proj.weight.zero_()
-    hf.save_pretrained(str(tmp_path / "hf"))
-    convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False)
-    qm = load(tmp_path / "ckpt")
+    qm = converted(hf, tmp_path)
     ids, pv = make_inputs(hf.config, 2, 6, rng)
     np.testing.assert_allclose(qm.logits(ids, pv, lazy="2-3", mode=mode), qm.logits(ids, pv), atol=1e-5, rtol=0)
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qcache_jax import convert_hf, load
 from qcache_jax.demo.hf_models import build_hf_llava
-from tiny_models import make_inputs
+from tiny_models import converted, make_inputs
 
 IMPLS = ["pallas_gpu_interpret", "pallas_tpu_interpret"]
 CASES = [(None, "vla"), ("1-2", "gla"), ("1-2", "vla")]
@@ -18,10 +17,7 @@ CASES = [(None, "vla"), ("1-2", "gla"), ("1-2", "vla")]
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     hf = build_hf_llava(seed=41, num_layers=3)
-    d = tmp_path_factory.mktemp("pallas")
-    hf.save_pretrained(str(d / "hf"))
-    convert_hf(d / "hf", d / "ckpt", progress=False)
-    return hf, load(d / "ckpt")
+    return hf, converted(hf, tmp_path_factory.mktemp("pallas"))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

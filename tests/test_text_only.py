@@ -13,6 +13,7 @@ import torch
 from qcache_jax import QCacheError, convert_hf, load
 from qcache_jax.config import LlavaConfig
 from qcache_jax.demo.hf_models import random_hf_model, tiny_config
+from tiny_models import converted
 
 TOL = 1e-4
 ENGLISH = (
@@ -31,8 +32,7 @@ def _text_only(**kw):
 def test_causal_lm_folder_converts_and_matches(tmp_path, model_type, tied, rng):
     cfg = _text_only(text_model_type=model_type, tie_word_embeddings=tied, num_layers=4)
     hf = random_hf_model(cfg, seed=3, initializer_range=0.2, perturb=True)
-    hf.save_pretrained(str(tmp_path / "hf"))
-    qm = load(convert_hf(tmp_path / "hf", tmp_path / "ckpt", progress=False))
+    qm = converted(hf, tmp_path)
     assert qm.config.vision is None and qm.config.text.model_type == model_type
     ids = rng.integers(5, cfg.text.vocab_size, size=(2, 11))
     with torch.no_grad():

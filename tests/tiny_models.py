@@ -91,3 +91,13 @@ def write_state_dict(sd: dict, directory: Path, fmt: str, *, shard_bytes: int | 
         save_file(shard, str(directory / name))
         weight_map.update({k: name for k in shard})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def converted(hf, directory: Path):
+    """``hf`` saved as a Hugging Face folder under ``directory/hf``, converted to ``directory/ckpt``
+    and loaded: the converted model the parity and lazy tests compare with ``hf``."""
+    from qcache_jax import convert_hf, load
+
+    directory = Path(directory)
+    hf.save_pretrained(str(directory / "hf"))
+    return load(convert_hf(directory / "hf", directory / "ckpt", progress=False))
