@@ -215,6 +215,19 @@ def save_adapters(parts: Path, name: str, adapters: dict, schedule: Schedule, in
     write_atomic(Path(parts) / f"adapters-{name}.json", json.dumps(schedule.to_json(tuned=info), indent=2) + "\n")
 
 
+def _variant(parts: Path, name: str, num_layers: int) -> tuple[Schedule, dict]:
+    """(schedule, adapters ``{kernel path: {"a", "b"}}`` in float32) of the shipped tuned variant
+    ``name``, in the form :func:`qcache_jax.tools.train.merge_adapters` merges."""
+    from safetensors.numpy import load_file
+
+    info = Path(parts) / f"adapters-{name}.json"
+    if not info.is_file():
+        raise QCacheError(f"{parts}: no tuned variant {name!r} (have: {', '.join(variants(parts)) or 'none'})")
+    ad = load_file(str(Path(parts) / f"adapters-{name}.safetensors"))
+    adapters = {k: {ab: ad[f"{k}/{ab}"].astype(np.float32) for ab in ("a", "b")} for k in {n.rsplit("/", 1)[0] for n in ad}}
+    return Schedule.read(info, num_layers), adapters
+
+
 def variants(parts: Path = PARTS_DIR) -> list[str]:
     """The tuned lazy variants shipped beside the dense model."""
     return sorted(p.stem[len("adapters-"):] for p in Path(parts).glob("adapters-*.json"))
@@ -225,7 +238,7 @@ def assemble(parts: Path = PARTS_DIR, variant: str | None = None) -> tuple[Llava
     GGUF; ``variant`` adds that tuned variant's adapters (merged into the kernels)."""
     from safetensors.numpy import load_file
 
-    from ..tools.train import _unflatten
+    from ..tools.train import _unflatten, merge_adapters
 
     parts = Path(parts)
     manifest_path = parts / "manifest.json"
@@ -244,13 +257,8 @@ def assemble(parts: Path = PARTS_DIR, variant: str | None = None) -> tuple[Llava
         flat[k] = trained[k].astype(np.float32)
     schedule = None
     if variant is not None:
-        info_path = parts / f"adapters-{variant}.json"
-        if not info_path.is_file():
-            raise QCacheError(f"{parts}: no tuned variant {variant!r} (have: {', '.join(variants(parts)) or 'none'})")
-        schedule = Schedule.read(info_path, cfg.text.num_layers)
-        ad = load_file(str(parts / f"adapters-{variant}.safetensors"))
-        for name in {k.rsplit("/", 1)[0] for k in ad}:
-            flat[name] = flat[name] + ad[f"{name}/a"].astype(np.float32) @ ad[f"{name}/b"].astype(np.float32)
+        schedule, adapters = _variant(parts, variant, cfg.text.num_layers)
+        flat = {k: np.asarray(v) for k, v in merge_adapters(flat, adapters).items()}
     from ..nn.llava import abstract_model
 
     return cfg, _unflatten(flat, abstract_model(cfg)[1]), schedule
@@ -260,21 +268,12 @@ def with_variant(model, name: str, parts: Path = PARTS_DIR):
     """(a QCacheModel with the tuned variant's adapters merged into ``model``'s kernels, its
     schedule), in memory: no second checkpoint on disk."""
     import jax
-    from safetensors.numpy import load_file
 
     from ..api import QCacheModel
-    from ..tools.train import _flatten, _unflatten
+    from ..tools.train import _flatten, _unflatten, merge_adapters
 
-    info = Path(parts) / f"adapters-{name}.json"
-    if not info.is_file():
-        raise QCacheError(f"{parts}: no tuned variant {name!r} (have: {', '.join(variants(parts)) or 'none'})")
-    schedule = Schedule.read(info, model.num_layers)
-    ad = load_file(str(Path(parts) / f"adapters-{name}.safetensors"))
-    flat = _flatten(model.params)
-    for key in {k.rsplit("/", 1)[0] for k in ad}:
-        w = np.asarray(flat[key], np.float32)
-        flat[key] = (w + ad[f"{key}/a"].astype(np.float32) @ ad[f"{key}/b"].astype(np.float32)).astype(w.dtype)
-    params = jax.device_put(_unflatten(flat, model.params))
+    schedule, adapters = _variant(parts, name, model.num_layers)
+    params = jax.device_put(_unflatten(merge_adapters(_flatten(model.params), adapters), model.params))
     # path stays the dense checkpoint's: lazy="auto" there reads its schedule.json, not this
     # variant's; pass the returned schedule instead.
     tuned = QCacheModel(model.config, params, path=model.path, tokenizer=model.tokenizer, processor=model.processor,
