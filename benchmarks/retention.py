@@ -41,6 +41,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from qcache_jax import load  # noqa: E402
+from qcache_jax.errors import run_entry_point  # noqa: E402
 from qcache_jax.demo import easy_vqa as E  # noqa: E402
 from qcache_jax.demo import smollm2_vqa as S  # noqa: E402
 from qcache_jax.lazy.schedule import Schedule  # noqa: E402
@@ -335,4 +336,4 @@ def render(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry_point("benchmarks.retention", main))

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from qcache_jax.errors import QCacheError  # noqa: E402
+from qcache_jax.errors import run_entry_point  # noqa: E402
 from qcache_jax.tools import bench  # noqa: E402
 
 MIB = 2**20
@@ -568,27 +568,23 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
+    bench.pinned_cpus(p["threads"])
+    llama = "not installed" if not bench.llama_cpp_available() else (
+        "left out (--no-llama-cpp)" if args.no_llama_cpp else "run")
+    log(f"profile {args.profile}; llama.cpp: {llama}")
+    files_text = bench.prepare(p["text"]["model"], cache_dir=args.cache_dir, gguf=llama == "run", log=log)
+    files_vision = bench.prepare(p["vision"]["model"], cache_dir=args.cache_dir, log=log)
+    # Every worker loads its model before anything is measured (idle workers only wait on stdin);
+    # each section closes its own when it is done.
+    log("starting the engine workers ...")
+    workers = bench.start_workers(worker_specs(files_text, files_vision, llama == "run"), threads=p["threads"])
     try:
-        bench.pinned_cpus(p["threads"])
-        llama = "not installed" if not bench.llama_cpp_available() else (
-            "left out (--no-llama-cpp)" if args.no_llama_cpp else "run")
-        log(f"profile {args.profile}; llama.cpp: {llama}")
-        files_text = bench.prepare(p["text"]["model"], cache_dir=args.cache_dir, gguf=llama == "run", log=log)
-        files_vision = bench.prepare(p["vision"]["model"], cache_dir=args.cache_dir, log=log)
-        # Every worker loads its model before anything is measured (idle workers only wait on stdin);
-        # each section closes its own when it is done.
-        log("starting the engine workers ...")
-        workers = bench.start_workers(worker_specs(files_text, files_vision, llama == "run"), threads=p["threads"])
-        try:
-            bw = [measure_bandwidth(p, log)]
-            text = run_text(p, files_text, workers, log)
-            vision = run_vision(p, files_vision, workers, log)
-        finally:
-            bench.close_workers(workers)
-        bw.append(measure_bandwidth(p, log))
-    except QCacheError as e:
-        print(f"benchmarks.run: error: {e}", file=sys.stderr)
-        return 2
+        bw = [measure_bandwidth(p, log)]
+        text = run_text(p, files_text, workers, log)
+        vision = run_vision(p, files_vision, workers, log)
+    finally:
+        bench.close_workers(workers)
+    bw.append(measure_bandwidth(p, log))
     res = build(p, args.profile, files_text, files_vision, text, vision, bw, llama, time.perf_counter() - t0, argv)
     res["machine"] = dict(bench.machine(), load_average_start=load_start)
     res["scaling"] = bench.mesh_scaling()
@@ -603,4 +599,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_entry_point("benchmarks.run", main))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import QCacheError
+from ..errors import run_entry_point
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,31 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    where = f"qcache {args.command}"
-    try:
-        return args.func(args)
-    except QCacheError as e:
-        print(f"{where}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{where}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - only out-of-memory is turned into a user error
-        if not _out_of_memory(e):
-            raise
-        print(
-            f"{where}: error: out of memory ({type(e).__name__}); try a smaller --batch, a shorter prompt or "
-            "fewer --max-new-tokens",
-            file=sys.stderr,
-        )
-        return 2
+    return run_entry_point(f"qcache {args.command}", lambda: args.func(args),
+                           oom_hint="try a smaller --batch, a shorter prompt or fewer --max-new-tokens")
 
 
 if __name__ == "__main__":

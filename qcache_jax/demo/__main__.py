@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def _calibration(model) -> None:
           "for the batch it measured)")
 
 
-def main() -> None:
+def _demo() -> None:
     """Dense / GLA / VLA answers, the accuracy / KV / speed table, the converter check and a
     calibration run; all on this machine, no download."""
     from transformers.utils import logging as hf_logging
@@ -217,5 +218,13 @@ def main() -> None:
     print(f"\ndone in {time.perf_counter() - t0:.0f}s")
 
 
+def main() -> int:
+    """``python -m qcache_jax.demo``: exit status 0, or 2 with one line for a user error (a
+    missing weights package, unreadable parts)."""
+    from ..errors import run_entry_point
+
+    return run_entry_point("qcache_jax.demo", _demo)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

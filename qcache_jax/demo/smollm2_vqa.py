@@ -42,8 +42,10 @@ PARTS_FORMAT = "qcache-smollm2-easyvqa/1"
 # Part of the assembled checkpoint's cache key: bump when assembly (conversion, tokenizer,
 # processor, chat template, checkpoint format) changes, so a stale cached copy is not reused.
 ASSEMBLY_VERSION = 2
-# The shipped parts (QCACHE_DEMO_PARTS points elsewhere, e.g. at a freshly trained model).
-PARTS_DIR = Path(os.environ.get("QCACHE_DEMO_PARTS", Path(__file__).resolve().parents[2] / "checkpoints" / "smollm2-easyvqa"))
+# The shipped parts (QCACHE_DEMO_PARTS points elsewhere, e.g. at a freshly trained model). They
+# live in checkpoints/smollm2-easyvqa/ and travel with the package as qcache_jax/demo/parts: in
+# the checkout a symlink to that folder, in a wheel its copy (pyproject.toml's package-data).
+PARTS_DIR = Path(os.environ.get("QCACHE_DEMO_PARTS", Path(__file__).resolve().parent / "parts"))
 # SmolLM2's ChatML without its default system prompt; user content is a string or a list of
 # {"type": "image"} / {"type": "text"} items (each image item is one <image> placeholder).
 CHAT_TEMPLATE = (
@@ -76,9 +78,11 @@ def build_tokenizer():
 
 def build_processor(tokenizer=None):
     """A ``LlavaProcessor``: CLIP image processor at 64x64 + the tokenizer + the chat template."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import LlavaProcessor
 
-    ip = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    from .tokenizer import clip_image_processor
+
+    ip = clip_image_processor(IMAGE_SIZE)
     return LlavaProcessor(
         image_processor=ip, tokenizer=tokenizer or build_tokenizer(), patch_size=PATCH_SIZE,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,

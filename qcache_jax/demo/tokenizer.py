@@ -43,14 +43,24 @@ def word_tokenizer(words: Sequence[str], *, lowercase: bool = False, split_punct
     return fast
 
 
-def llava_processor(tokenizer, *, image_size: int, patch_size: int, strategy: str = "default"):
-    """A ``LlavaProcessor``: CLIP image processor (resize / centre-crop to ``image_size``, CLIP
-    normalisation) + ``tokenizer`` + the tokenizer's chat template."""
-    from transformers import CLIPImageProcessor, LlavaProcessor
+def clip_image_processor(image_size: int):
+    """A CLIP image processor (resize / centre-crop to ``image_size``, CLIP normalisation).
 
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    transformers 5.25 made ``CLIPImageProcessor`` the torchvision backend and falls back, with a
+    warning on every run, to ``CLIPImageProcessorPil`` without torchvision; the PIL class is what
+    we use on purpose (the numbers are the same, and it saves as ``CLIPImageProcessor``)."""
+    import transformers
+
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+
+
+def llava_processor(tokenizer, *, image_size: int, patch_size: int, strategy: str = "default"):
+    """A ``LlavaProcessor``: :func:`clip_image_processor` + ``tokenizer`` + the tokenizer's chat
+    template."""
+    from transformers import LlavaProcessor
+
+    image_processor = clip_image_processor(image_size)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
