@@ -202,8 +202,8 @@ def train_attention(q, k, v, q_pos, kv_pos, kv_valid, *, q_seg=None, kv_seg=None
     about 1.5x faster than autodiff of the forward (measured on the real-weights training).
     Returns (out [B, Hq, Tq, D] in q.dtype, lse f32 [B, Hq, Tq])."""
     mask = visibility(q_pos, kv_pos, kv_valid, q_seg, kv_seg)
-    out = _train_attention(q, k, v, mask, default_scale(q.shape[-1], scale))
-    return out, jnp.zeros(q.shape[:3], _F32)  # lse is not differentiated (no caller merges training segments)
+    # lse is differentiated too: a VLA lazy layer merges two key sets by it in training
+    return _train_attention(q, k, v, mask, default_scale(q.shape[-1], scale))
 
 
 def _train_fwd_impl(q, k, v, mask, scale):
@@ -219,7 +219,8 @@ def _train_fwd_impl(q, k, v, mask, scale):
     l = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(l > 0, l, 1.0)
     out = lax.dot_general(p, v.astype(_F32), _PV, preferred_element_type=_F32)
-    return out.reshape(b, hq, tq, d).astype(q.dtype), p
+    lse = jnp.where(l > 0, jnp.where(m == -jnp.inf, 0.0, m) + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
+    return (out.reshape(b, hq, tq, d).astype(q.dtype), lse.reshape(b, hq, tq)), p
 
 
 @jax.custom_vjp
@@ -232,15 +233,18 @@ def _train_vjp_fwd(q, k, v, mask, scale):
     return out, (q, k, v, p, scale)
 
 
-def _train_vjp_bwd(res, do):
+def _train_vjp_bwd(res, cotangents):
     q, k, v, p, scale = res
+    do, dlse = cotangents
     b, hq, tq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
     dog = do.reshape(b, hkv, g * tq, d).astype(_F32)
     dv = lax.dot_general(p, dog, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=_F32)  # [B,Hkv,Tk,D]
     dp = lax.dot_general(dog, v.astype(_F32), _QK, preferred_element_type=_F32)  # [B,Hkv,g*Tq,Tk]
-    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True)) * scale
+    # d lse / d s = p: the lse cotangent joins the softmax's
+    dl = dlse.astype(_F32).reshape(b, hkv, g * tq, 1)
+    ds = p * (dp - jnp.sum(dp * p, axis=-1, keepdims=True) + dl) * scale
     dq = lax.dot_general(ds, k.astype(_F32), _PV, preferred_element_type=_F32).reshape(b, hq, tq, d)
     qg = q.reshape(b, hkv, g * tq, d).astype(_F32)
     dk = lax.dot_general(ds, qg, (((2,), (2,)), ((0, 1), (0, 1))), preferred_element_type=_F32)  # [B,Hkv,Tk,D]

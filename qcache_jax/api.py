@@ -54,7 +54,7 @@ class GenerateOptions:
     cache_len: int | None = None
     max_context: int | None = None
     attention_impl: str = "auto"
-    gla_reuse_probs: bool = True
+    reuse_probs: bool = True
     return_logits: bool = False
     loop: str = "unroll"
 
@@ -332,7 +332,7 @@ class QCacheModel:
         Options: a :class:`GenerateOptions` and/or its fields as keywords (``lazy``, ``mode``,
         ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``raw``,
         ``eos_token_id``, ``cache_len``, ``max_context``, ``attention_impl``,
-        ``gla_reuse_probs``, ``return_logits``, ``loop``). Rows stop on EOS, at
+        ``reuse_probs``, ``return_logits``, ``loop``). Rows stop on EOS, at
         ``max_new_tokens`` or when their cache is full. A prompt that cannot fit the model's
         context (or ``cache_len``) is an error before anything is allocated.
         """
@@ -388,7 +388,7 @@ class QCacheModel:
             pad_id=self.pad_id(),
             cache_len=opts.cache_len,
             max_context=opts.max_context,
-            reuse_probs=opts.gla_reuse_probs,
+            reuse_probs=opts.reuse_probs,
             keep_logits=opts.return_logits,
             loop=opts.loop,
         )

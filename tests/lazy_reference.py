@@ -1,5 +1,8 @@
 """An independent float64 numpy implementation of Lazy Attention (method.md formulas).
 
+VLA follows the revised reading: query row i scores visual key j with the anchor's query and
+key, ``Q_b[i]·K_b[j]``, text key j with its own, ``Q_l[i]·K_l[j]``; one softmax over both.
+
 It reads the Hugging Face PyTorch model directly: HF provides the merged input embeddings
 (``hidden_states[0]``) and the RoPE tables; everything after that is written out here.
 """
@@ -14,10 +17,13 @@ def _np(t):
     return t.detach().double().numpy()
 
 
-def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mask=None, image_sizes=None):
+def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mask=None, image_sizes=None,
+                          first_reading=False):
     """Logits [B, T, V] of the HF model with layers ``lazy`` inheriting attention (GLA or VLA).
     ``image_sizes``: for a LLaVA-NeXT model (its image-token positions, base view, tiles and
-    newlines, are the visual positions)."""
+    newlines, are the visual positions). ``first_reading`` (VLA): the project's superseded
+    formula, ``Q~ = where(vis, Q_b, Q_l)``, ``K~ = where(vis, K_b, K_l)``, only so that tests
+    can show they tell the two apart."""
     cfg = hf.config.text_config
     ids = torch.tensor(input_ids)
     b, t = ids.shape
@@ -31,7 +37,7 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
         pos = torch.arange(t)[None].expand(b, t)
         cos, sin = hf.model.language_model.rotary_emb(torch.zeros(1, dtype=torch.float64), pos)
     cos, sin = _np(cos)[:, :, None, :], _np(sin)[:, :, None, :]
-    vis = (np.asarray(input_ids) == hf.config.image_token_index)[:, :, None, None]
+    vis_key = (np.asarray(input_ids) == hf.config.image_token_index)[:, None, None, :]  # [B, 1, 1, T_k]
     mask = np.tril(np.ones((t, t), bool))[None] & (
         np.ones((b, 1, t), bool) if attention_mask is None else np.asarray(attention_mask, bool)[:, None, :]
     )
@@ -58,17 +64,22 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
         own_q = lambda: rope(lin(x, p + "self_attn.q_proj").reshape(b, t, hq, d))  # noqa: E731
         own_k = lambda: rope(lin(x, p + "self_attn.k_proj").reshape(b, t, hkv, d))  # noqa: E731
         v = lin(x, p + "self_attn.v_proj").reshape(b, t, hkv, d)
-        if not lazy[layer]:
-            q = q_anchor = own_q()
-            k = k_anchor = own_k()
-        elif mode == "gla":
-            q, k = q_anchor, k_anchor
-        else:
-            q = np.where(vis, q_anchor, own_q())
-            k = np.where(vis, k_anchor, own_k())
         rep = hq // hkv
-        kr, vr = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
-        s = np.einsum("bqhd,bkhd->bhqk", q, kr) / np.sqrt(d)
+
+        def scores(q, k):
+            return np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k, rep, axis=2)) / np.sqrt(d)
+
+        if not lazy[layer]:
+            q_anchor, k_anchor = own_q(), own_k()
+            s = scores(q_anchor, k_anchor)
+        elif mode == "gla":
+            s = scores(q_anchor, k_anchor)
+        elif first_reading:
+            vis_q = np.swapaxes(vis_key, 1, 3)  # [B, T, 1, 1]
+            s = scores(np.where(vis_q, q_anchor, own_q()), np.where(vis_q, k_anchor, own_k()))
+        else:  # VLA: visual keys scored with the anchor's query and keys, text keys with its own
+            s = np.where(vis_key, scores(q_anchor, k_anchor), scores(own_q(), own_k()))
+        vr = np.repeat(v, rep, axis=2)
         s = np.where(mask[:, None], s, -np.inf)
         s = s - s.max(-1, keepdims=True)
         pr = np.exp(s)

@@ -206,7 +206,8 @@ def test_step_bytes_matches_a_hand_count(mode):
     weights = 4 * ((4 - n_gla) * layer + n_gla * gla_layer + head)
     seg = rows * 2 * 16 * 4  # bytes per cached token of one K or V array: rows x KV heads x head dim x 4
     dense_layer_kv = 2 * (img + txt) * seg  # K and V, both segments
-    lazy_kv = {"dense": dense_layer_kv, "gla": (img + txt) * seg, "vla": dense_layer_kv}[mode]
+    # GLA lazy: V only; VLA lazy: V and its own text K (the anchor's probabilities replace visual K)
+    lazy_kv = {"dense": dense_layer_kv, "gla": (img + txt) * seg, "vla": (img + 2 * txt) * seg}[mode]
     kv = 2 * dense_layer_kv + 2 * lazy_kv
     assert got == {"weights_bytes": weights, "kv_bytes": kv, "bytes": weights + kv}
 

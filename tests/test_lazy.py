@@ -33,6 +33,9 @@ def test_lazy_logits_match_numpy_reference(lazy_pair, mode, spec, rng):
     assert np.abs(out - ref).max() <= TOL
     # The lazy layers really change the output (the test could fail).
     assert np.abs(out - qm.logits(ids, pv)).max() > 1e-3
+    if mode == "vla":  # and the superseded VLA formula would fail it
+        old = lazy_logits_reference(hf, ids, pv, lazy, mode, first_reading=True)
+        assert np.abs(old - ref).max() > 100 * TOL
 
 
 def test_scanned_mask_equals_unrolled(lazy_pair, rng):
@@ -102,21 +105,18 @@ def test_decode_equals_full_forward_every_position(lazy_pair, rng, lazy, mode, l
     _check_decode_vs_forward(qm, ids, pv, lazy, mode, loop=loop)
 
 
-def test_gla_prob_reuse_equals_recompute(lazy_pair, rng):
+@pytest.mark.parametrize("mode", ["gla", "vla"])
+def test_prob_reuse_equals_recompute(lazy_pair, rng, mode):
+    """Decode: the anchor's handed-on probabilities (GLA: every segment; VLA: the visual one)
+    times the lazy layer's V equal recomputing softmax(Q_b K_b^T) from the Q Cache."""
     hf, qm = lazy_pair
-    ids, pv = make_inputs(hf.config, 1, 5, rng)
-    a = qm.generate(input_ids=ids, pixel_values=pv, lazy="1-3", mode="gla", max_new_tokens=5, return_logits=True)
-    b = qm.generate(
-        input_ids=ids,
-        pixel_values=pv,
-        lazy="1-3",
-        mode="gla",
-        max_new_tokens=5,
-        return_logits=True,
-        gla_reuse_probs=False,
-    )
+    ids, pv = make_inputs(hf.config, 2, 5, rng)
+    kw = dict(input_ids=ids, pixel_values=pv, lazy="1-3,5", mode=mode, max_new_tokens=5, return_logits=True,
+              eos_token_id=-1)
+    a = qm.generate(**kw)
+    b = qm.generate(**kw, reuse_probs=False)
     assert a.token_ids == b.token_ids
-    np.testing.assert_allclose(a.logits[0], b.logits[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=0)
 
 
 def test_decode_text_only_prompt(lazy_pair, rng):

@@ -1,8 +1,12 @@
 """Lazy Attention with Q Cache (docs/method.md): a lazy layer inherits its anchor's attention.
 
 GLA: the lazy layer attends with the anchor's post-RoPE queries (the Q Cache) and keys for
-every token and computes only its own values. VLA: the same at image-token positions only;
-text positions use the layer's own queries and keys.
+every token and computes only its own values. VLA: every query row scores the visual keys as
+the anchor does (the anchor's query from the Q Cache against the anchor's visual keys) and the
+text keys with the layer's own query and keys; one softmax over both, the layer's own values.
+It runs as two attention calls - (Q_b, K_b) over the visual keys and (Q_l, K_l) over the text
+keys - merged exactly by log-sum-exp. In decode the visual half is the anchor's visual-segment
+probabilities, handed on in the carry, times the layer's own visual V.
 
 :class:`LazyAttention` is one layer's attention in one pass, called by the layer stack
 (:func:`qcache_jax.lazy.stack.run_layers`): it takes the layer, its normalised input, the
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..kernels import reference_attention
+from ..kernels import merge_attention, reference_attention
 from ..nn.attention import attend, decode_segments, lazy_pv_segments, write_rows
 from .cache import LayerCache
 from .schedule import DEFAULT_MODE, check_mode
@@ -35,8 +39,10 @@ class QCache:
     ``q``: the Q Cache, the anchor's post-RoPE queries of this pass ([B, Hq, T, D] for a
     sequence; [B, Hq, D] for one decode step). ``k``: the keys a lazy layer inherits: the
     anchor's keys of the sequence ``(K [B, Hkv, T, D],)``, or in decode the anchor's cache key
-    segments ``(visual, text)`` read in place. ``probs`` (GLA decode): the anchor's attention
-    probabilities per segment ([B, Hq, S_i]), which its lazy layers multiply with their own V.
+    segments ``(visual, text)`` read in place. ``probs`` (decode, ``reuse_probs``): per cache
+    segment the anchor's probabilities normalised within it ([B, Hq, S_i]) and its log-sum-exp
+    ([B, Hq]); a GLA lazy layer multiplies all of them with its own V, a VLA lazy layer the
+    visual one.
     """
 
     q: jax.Array
@@ -112,12 +118,36 @@ def _select(is_lazy, lazy_fn, anchor_fn, operand):
     return jax.lax.cond(is_lazy, lazy_fn, anchor_fn, operand)
 
 
+def _attend_parts(parts, v, ctx: SequencePass, impl, mesh):
+    """Attention whose keys are split into disjoint parts ``(q, k, kv_valid)`` that score with
+    their own queries and keys, one softmax over all of them, values ``v``: one part is plain
+    attention; several are merged exactly by log-sum-exp. Also the probe rows' probabilities
+    (calibration) of the same softmax, or None."""
+    seg = ctx.segments
+    res = [attend(q, k, v, ctx.positions, ctx.positions, valid, segments=seg, impl=impl, mesh=mesh,
+                  return_lse=True) for q, k, valid in parts]
+    out = res[0][0] if len(res) == 1 else merge_attention([o for o, _ in res], [lse for _, lse in res])[0]
+    if ctx.probe_rows is None:
+        return out, None
+    rows = ctx.probe_rows
+    probes = [reference_attention(q[:, :, rows], k, v, ctx.positions[:, rows], ctx.positions, valid,
+                                  q_seg=None if seg is None else seg[:, rows], kv_seg=seg, return_probs=True)
+              for q, k, valid in parts]
+    if len(probes) == 1:
+        return out, probes[0][2]
+    # each part's probabilities are normalised within it: rescale by its share of the total mass
+    _, total = merge_attention([p[0] for p in probes], [p[1] for p in probes])
+    share = [jnp.where(jnp.isfinite(p[1]), jnp.exp(p[1] - total), 0.0)[..., None] for p in probes]
+    return out, sum(p[2] * w for p, w in zip(probes, share))
+
+
 @dataclasses.dataclass(frozen=True)
 class LazyAttention:
     """Attention of one decoder layer under the lazy schedule, in ``mode`` ``vla`` or ``gla``.
 
-    ``reuse_probs`` (GLA decode): lazy layers multiply the anchor's attention probabilities
-    with their own V instead of recomputing softmax(Q_b K_b^T) (the same numbers).
+    ``reuse_probs`` (decode): lazy layers multiply the anchor's attention probabilities (GLA:
+    over every segment; VLA: over the visual segment) with their own V instead of recomputing
+    softmax(Q_b K_b^T) (the same numbers).
     ``mesh``: a ``jax.sharding.Mesh`` with axes ``data`` and ``model``: the kernels and the
     cache writes then run per shard (:mod:`qcache_jax.nn.attention`); None: one device.
     """
@@ -132,15 +162,15 @@ class LazyAttention:
 
     @property
     def passes_probs(self) -> bool:
-        return self.mode == "gla" and self.reuse_probs
+        return self.reuse_probs
 
     def __call__(self, layer, x, qc, is_lazy, ctx, cache=None, *, stores=(True, True), hands_probs=False):
         """(attention output [B, Hq, T, D], next QCache, new LayerCache or None, probe or None).
 
         ``cache``: the layer's segments in decode (a missing key array is None and stays None).
         ``stores`` (prefill): which key segments this layer creates (:meth:`Schedule.stores_k`;
-        a scanned loop creates both and the stack drops the unstored ones afterwards). ``hands_probs``: a GLA anchor with a lazy
-        block after it returns its decode probabilities in the carry.
+        a scanned loop creates both and the stack drops the unstored ones afterwards). ``hands_probs``: an
+        anchor with a lazy block after it returns its decode probabilities in the carry.
         """
         if isinstance(ctx, DecodePass):
             out, qc, new = self._decode(layer, x, qc, is_lazy, ctx, cache, hands_probs)
@@ -150,33 +180,28 @@ class LazyAttention:
     # -- a whole sequence ------------------------------------------------------------------------
 
     def _sequence(self, layer, x, qc, is_lazy, ctx: SequencePass, cache, stores):
+        v = layer.values(x)
+
+        def run(parts):
+            return _attend_parts(parts, v, ctx, self.impl, self.mesh)
+
         def anchor(qc):
             q, k = layer.queries(x, ctx.cos, ctx.sin), layer.keys(x, ctx.cos, ctx.sin)
-            return q, k, QCache(q, (k,))
+            return (*run([(q, k, ctx.valid)]), k, QCache(q, (k,)))
 
         def lazy(qc):
-            if self.mode == "gla":
-                return qc.q, qc.k[0], qc  # no q/k projection at all
-            sel = ctx.vis[:, None, :, None]
-            q = jnp.where(sel, qc.q, layer.queries(x, ctx.cos, ctx.sin))
-            k = jnp.where(sel, qc.k[0], layer.keys(x, ctx.cos, ctx.sin))
-            return q, k, qc
+            if self.mode == "gla":  # no q/k projection at all
+                return (*run([(qc.q, qc.k[0], ctx.valid)]), qc.k[0], qc)
+            # VLA: visual keys scored as the anchor scores them (Q Cache, anchor keys), text keys
+            # with the layer's own query and keys. The keys kept for the cache: its own at text
+            # positions (the only ones a VLA lazy layer stores).
+            q, k = layer.queries(x, ctx.cos, ctx.sin), layer.keys(x, ctx.cos, ctx.sin)
+            out, probe = run([(qc.q, qc.k[0], ctx.valid & ctx.vis), (q, k, ctx.valid & ~ctx.vis)])
+            return out, probe, jnp.where(ctx.vis[:, None, :, None], qc.k[0], k), qc
 
-        q, k, qc = _select(is_lazy, lazy, anchor, qc)
-        v = layer.values(x)
-        seg = ctx.segments
-        out = attend(q, k, v, ctx.positions, ctx.positions, ctx.valid, segments=seg, impl=self.impl, mesh=self.mesh)
-        probe = None
-        if ctx.probe_rows is not None:
-            rows = ctx.probe_rows
-            *_, probe = reference_attention(
-                q[:, :, rows], k, v, ctx.positions[:, rows], ctx.positions, ctx.valid,
-                q_seg=None if seg is None else seg[:, rows], kv_seg=seg, return_probs=True,
-            )
+        out, probe, k, qc = _select(is_lazy, lazy, anchor, qc)
         new = None
         if ctx.is_prefill:
-            # A VLA lazy layer's k equals its own keys at text positions (the anchor's at image
-            # positions, which it does not store).
             def text(full):
                 b, h, _, d = full.shape
                 seg = jnp.zeros((b, h, ctx.text_len, d), full.dtype)
@@ -199,36 +224,48 @@ class LazyAttention:
         v_txt = self._write(c.v_txt, ctx.n_txt, layer.values(x))
         n_new = ctx.n_txt + 1
         has_img = c.v_img.shape[2] > 0
+        img_values = [(c.v_img, ctx.n_img)] if has_img else []
 
         def segs(k_img, k_txt):
             return ([(k_img, c.v_img, ctx.n_img)] if has_img else []) + [(k_txt, v_txt, n_new)]
 
+        def decode(q, segments, *, probs=False):
+            return decode_segments(q, segments, impl=self.impl, return_probs=probs, mesh=self.mesh)
+
         def anchor(qc):
             q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
             k_txt = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
-            out, probs = decode_segments(q, segs(c.k_img, k_txt), impl=self.impl, return_probs=hands_probs,
-                                         mesh=self.mesh)
+            out, _, probs = decode(q, segs(c.k_img, k_txt), probs=hands_probs)
             new_qc = QCache(q, (c.k_img, k_txt) if has_img else (k_txt,), probs)
             return out, new_qc, LayerCache(c.k_img, k_txt, c.v_img, v_txt)
 
         def anchor_keys(qc):
             return (qc.k[0], qc.k[1]) if has_img else (None, qc.k[0])
 
+        def pv(probs, values):
+            return lazy_pv_segments(probs, values, impl=self.impl, mesh=self.mesh)
+
         def lazy(qc):
             k_img, k_txt = anchor_keys(qc)
             if self.mode == "gla":
                 if self.passes_probs:
-                    values = ([(c.v_img, ctx.n_img)] if has_img else []) + [(v_txt, n_new)]
-                    out = lazy_pv_segments(qc.probs, values, impl=self.impl, mesh=self.mesh)
+                    out, _ = pv(qc.probs, img_values + [(v_txt, n_new)])
                 else:
-                    out, _ = decode_segments(qc.q, segs(k_img, k_txt), impl=self.impl, mesh=self.mesh)
+                    out, _, _ = decode(qc.q, segs(k_img, k_txt))
                 # Keys pass through untouched (None: the layer stores none).
                 return out, qc, LayerCache(c.k_img, c.k_txt, c.v_img, v_txt)
-            # VLA: the new token is text, so the layer uses its own query and keeps its own text
-            # keys; the visual keys are the anchor's.
+            # VLA: the new token's text half with its own query and text keys, its visual half
+            # as the anchor scored it (its probabilities, or its query and visual keys) with the
+            # layer's own visual V; merged by log-sum-exp.
             q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
             own = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
-            out, _ = decode_segments(q, segs(k_img, own), impl=self.impl, mesh=self.mesh)
+            out, lse, _ = decode(q, [(own, v_txt, n_new)])
+            if has_img:
+                if self.passes_probs:
+                    out_img, lse_img = pv(qc.probs[:1], img_values)
+                else:
+                    out_img, lse_img, _ = decode(qc.q, [(k_img, c.v_img, ctx.n_img)])
+                out, _ = merge_attention([out_img, out], [lse_img, lse])
             return out, qc, LayerCache(c.k_img, own, c.v_img, v_txt)
 
         return _select(is_lazy, lazy, anchor, qc)

@@ -206,9 +206,10 @@ class Schedule:
         return False, self.mode == "vla"
 
     def hands_probs(self, layer: int) -> bool:
-        """Whether ``layer`` is a GLA anchor with a lazy block after it: in decode it hands its
-        attention probabilities on, so the block's layers read only their V."""
-        return self.mode == "gla" and not self.lazy[layer] and any(a == layer for a, _ in self.blocks)
+        """Whether ``layer`` is an anchor with a lazy block after it: in decode it hands its
+        attention probabilities on, so the block's layers read only their V where they inherit
+        (GLA: every key; VLA: the visual keys)."""
+        return not self.lazy[layer] and any(a == layer for a, _ in self.blocks)
 
     def would_be_anchors(self) -> list[int | None]:
         """For each layer l >= 1 the anchor it has (lazy) or would have if it were made lazy:

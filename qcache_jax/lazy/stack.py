@@ -51,7 +51,8 @@ def _empty_qcache(ctx, h, cfg, caches, attn: LazyAttention) -> QCache:
         return QCache(jnp.zeros((b, hq, t, d), dt), (jnp.zeros((b, hkv, t, d), dt),))
     c = caches[0]
     segments = ([c.v_img] if c.v_img.shape[2] > 0 else []) + [c.v_txt]
-    probs = tuple(jnp.zeros((b, hq, s.shape[2]), jnp.float32) for s in segments) if attn.passes_probs else None
+    probs = tuple((jnp.zeros((b, hq, s.shape[2]), jnp.float32), jnp.zeros((b, hq), jnp.float32)) for s in segments)
+    probs = probs if attn.passes_probs else None
     return QCache(jnp.zeros((b, hq, d), dt), tuple(jnp.zeros_like(s) for s in segments), probs)
 
 

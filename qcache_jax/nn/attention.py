@@ -66,12 +66,14 @@ def _per_shard(mesh, fn, args, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
-def attend(q, k, v, q_pos, kv_pos, kv_valid, *, segments=None, impl: str = "auto", mesh=None):
+def attend(q, k, v, q_pos, kv_pos, kv_valid, *, segments=None, impl: str = "auto", mesh=None, return_lse=False):
     """softmax(q k^T / sqrt(D)) v [B, Hq, Tq, D]; key j visible to query i iff valid and
     kv_pos <= q_pos (and, with ``segments`` [B, T] for a packed self-attention, in the shared
-    prefix segment 0 or in the query's own segment)."""
+    prefix segment 0 or in the query's own segment). ``return_lse``: (out, lse [B, Hq, Tq]),
+    for merging attention over disjoint key sets (a VLA lazy layer's visual and text keys)."""
     if mesh is None:
-        return flash_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=segments, kv_seg=segments, impl=impl)[0]
+        res = flash_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=segments, kv_seg=segments, impl=impl)
+        return res if return_lse else res[0]
     r, qa, ka = _rows(mesh, q.shape[0]), _heads(mesh, q.shape[1]), None
     ka = _heads(mesh, k.shape[1]) if qa else None
     rows = P(r)
@@ -79,11 +81,12 @@ def attend(q, k, v, q_pos, kv_pos, kv_valid, *, segments=None, impl: str = "auto
     def local(q, k, v, q_pos, kv_pos, kv_valid, *seg):
         k, v = _local_kv(k, q.shape[1], qa, ka), _local_kv(v, q.shape[1], qa, ka)
         s = seg[0] if seg else None
-        return flash_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=s, kv_seg=s, impl=impl)[0]
+        res = flash_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=s, kv_seg=s, impl=impl)
+        return res if return_lse else res[0]
 
     args = (q, k, v, q_pos, kv_pos, kv_valid) + (() if segments is None else (segments,))
     specs = (P(r, qa), P(r, ka), P(r, ka), rows, rows, rows) + (() if segments is None else (rows,))
-    return _per_shard(mesh, local, args, specs, P(r, qa))
+    return _per_shard(mesh, local, args, specs, (P(r, qa), P(r, qa)) if return_lse else P(r, qa))
 
 
 def _decode_segments(q, segments, impl, return_probs):
@@ -92,20 +95,19 @@ def _decode_segments(q, segments, impl, return_probs):
         out, lse = results[0][0], results[0][1]
     else:
         out, lse = merge_attention([r[0] for r in results], [r[1] for r in results])
-    if not return_probs:
-        return out, None
-    # p_i is normalised within segment i; rescale by that segment's share of the total mass.
-    probs = tuple(r[2] * jnp.where(jnp.isfinite(r[1]), jnp.exp(r[1] - lse), 0.0)[..., None] for r in results)
-    return out, probs
+    return out, lse, (tuple((r[2], r[1]) for r in results) if return_probs else None)
 
 
 def decode_segments(q, segments, *, impl: str = "auto", return_probs: bool = False, mesh=None):
-    """One query per row [B, Hq, D] against several cache segments ``(k, v, lengths)``.
+    """One query per row [B, Hq, D] against several cache segments ``(k, v, lengths)``:
+    (out [B, Hq, D], lse [B, Hq], probs or None).
 
     Segments (the visual and the text part of a row's cache) are attended separately and
     merged exactly by log-sum-exp, so no segment is ever concatenated (copied). With
-    ``return_probs`` also returns each segment's probabilities normalised over *all* segments
-    ([B, Hq, S_i] float32), which a GLA lazy layer multiplies with its own V.
+    ``return_probs``, ``probs`` holds per segment ``(p, lse)``: its probabilities normalised
+    within the segment ([B, Hq, S_i] float32) and its log-sum-exp ([B, Hq]). That is what an
+    anchor hands its lazy layers (:func:`lazy_pv_segments`): GLA reuses every segment, VLA the
+    visual one.
     """
     if mesh is None:
         return _decode_segments(q, segments, impl, return_probs)
@@ -114,36 +116,44 @@ def decode_segments(q, segments, *, impl: str = "auto", return_probs: bool = Fal
 
     def local(q, segs):
         segs = [(_local_kv(k, q.shape[1], qa, ka), _local_kv(v, q.shape[1], qa, ka), n) for k, v, n in segs]
-        out, probs = _decode_segments(q, segs, impl, return_probs)
-        return (out, probs) if return_probs else out
+        out, lse, probs = _decode_segments(q, segs, impl, return_probs)
+        return (out, lse, probs) if return_probs else (out, lse)
 
     seg_specs = [(P(r, ka), P(r, ka), P(r)) for _ in segments]
-    out_specs = (P(r, qa), tuple(P(r, qa) for _ in segments)) if return_probs else P(r, qa)
-    res = _per_shard(mesh, local, (q, [tuple(s) for s in segments]), (P(r, qa), seg_specs), out_specs)
-    return res if return_probs else (res, None)
+    head = P(r, qa)
+    out_specs = (head, head) + ((tuple((head, head) for _ in segments),) if return_probs else ())
+    res = _per_shard(mesh, local, (q, [tuple(s) for s in segments]), (head, seg_specs), out_specs)
+    return res if return_probs else (*res, None)
 
 
 def _lazy_pv(probs, segments, impl):
-    outs = [lazy_decode_pv(p, v, lengths=n, impl=impl).astype(jnp.float32) for p, (v, n) in zip(probs, segments)]
-    return sum(outs[1:], outs[0]).astype(segments[0][0].dtype)
+    outs = [lazy_decode_pv(p, v, lengths=n, impl=impl) for (p, _), (v, n) in zip(probs, segments)]
+    if len(outs) == 1:
+        return outs[0], probs[0][1]
+    return merge_attention(outs, [lse for _, lse in probs])
 
 
 def lazy_pv_segments(probs, segments, *, impl: str = "auto", mesh=None):
-    """GLA lazy-layer decode: the sum over segments ``(v, lengths)`` of ``probs_i @ V_i``.
+    """Lazy-layer decode with the anchor's probabilities: (out [B, Hq, D], lse [B, Hq]).
 
+    ``probs``: per segment ``(p, lse)`` as :func:`decode_segments` returns them; ``segments``:
+    the lazy layer's own ``(v, lengths)`` of the same segments. Each segment's ``p @ V`` is
+    merged by the anchor's log-sum-exp, which equals softmax(Q_b K_b^T) V over the segments.
     Reads only V, and only its valid entries (keys j < lengths[b]).
     """
     if mesh is None:
         return _lazy_pv(probs, segments, impl)
-    r, qa = _rows(mesh, probs[0].shape[0]), _heads(mesh, probs[0].shape[1])
+    r, qa = _rows(mesh, probs[0][0].shape[0]), _heads(mesh, probs[0][0].shape[1])
     ka = _heads(mesh, segments[0][0].shape[1]) if qa else None
 
     def local(probs, segs):
-        n_q = probs[0].shape[1]
+        n_q = probs[0][0].shape[1]
         return _lazy_pv(probs, [(_local_kv(v, n_q, qa, ka), n) for v, n in segs], impl)
 
-    specs = (tuple(P(r, qa) for _ in probs), [(P(r, ka), P(r)) for _ in segments])
-    return _per_shard(mesh, local, (tuple(probs), [tuple(s) for s in segments]), specs, P(r, qa))
+    head = P(r, qa)
+    specs = (tuple((head, head) for _ in probs), [(P(r, ka), P(r)) for _ in segments])
+    return _per_shard(mesh, local, (tuple(tuple(x) for x in probs), [tuple(s) for s in segments]), specs,
+                      (head, head))
 
 
 def write_rows(cache, slot, value, write, *, mesh=None):

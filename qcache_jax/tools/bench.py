@@ -326,7 +326,8 @@ def step_bytes(cfg: LlavaConfig, layout, dtype=None, *, reuse_probs: bool = True
     their capacity (the XLA path reads whole arrays): a dense layer or anchor its K and V
     segments; a GLA lazy layer its V only (with ``reuse_probs`` it multiplies its anchor's
     probabilities; without, it also reads the anchor's keys); a VLA lazy layer its own text K
-    and V and its anchor's visual K (so VLA reads as much as dense). The new token's K/V
+    and V and its visual V (with ``reuse_probs`` the anchor's visual-segment probabilities
+    replace Q_b K_b^T; without, it also reads the anchor's visual K). The new token's K/V
     writes are a few KiB and not counted.
     """
     import jax
@@ -368,8 +369,8 @@ def step_bytes(cfg: LlavaConfig, layout, dtype=None, *, reuse_probs: bool = True
         elif schedule.mode == "gla":
             a = state.layers[anchors[i]]
             kv += own if reuse_probs else own + arr(a.k_img) + arr(a.k_txt)
-        else:  # vla: own text keys, the anchor's visual keys
-            kv += own + arr(c.k_txt) + arr(state.layers[anchors[i]].k_img)
+        else:  # vla: own text keys; the anchor's visual keys only when recomputing its scores
+            kv += own + arr(c.k_txt) + (0 if reuse_probs else arr(state.layers[anchors[i]].k_img))
     return {"weights_bytes": int(weights), "kv_bytes": int(kv), "bytes": int(weights + kv)}
 
 
