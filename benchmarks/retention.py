@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 
 from qcache_jax import load  # noqa: E402
 from qcache_jax.errors import run_entry_point  # noqa: E402
+from qcache_jax.lazy.schedule import VLA_FORMULA  # noqa: E402
 from qcache_jax.demo import easy_vqa as E  # noqa: E402
 from qcache_jax.demo import smollm2_vqa as S  # noqa: E402
 from qcache_jax.lazy.schedule import Schedule  # noqa: E402
@@ -259,6 +260,7 @@ def main(argv=None) -> int:
         profile=profile, schedules={f"{m}-{f}": s.lazy_layers for (m, f), s in schedules.items()},
         rows=rows, perplexity=ppl, text_source=TEXT_SOURCE, generate_agreement=agree,
         seconds=time.time() - t_start, n_top=S.Recipe().n_top, image_tokens=cfg.image_seq_length,
+        vla_formula=VLA_FORMULA,
     )
     (work / "retention.json").write_text(json.dumps(results, indent=2) + "\n")
     (ROOT / "benchmarks" / "retention.json").write_text(json.dumps(results, indent=2) + "\n")

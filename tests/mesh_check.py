@@ -122,7 +122,7 @@ def batch(rng, lengths):
 
 
 def kernels_alone(impl: str):
-    """attend / decode_segments / lazy_pv_segments with kernels ``impl`` on mesh (2, 4) with 12
+    """attend (with its lse) / decode_segments / lazy_pv_segments with kernels ``impl`` on mesh (2, 4) with 12
     query and 6 KV heads (KV replicated: each shard reads one KV head per query head) against
     no mesh: the largest difference."""
     from qcache_jax.nn.attention import attend, decode_segments, lazy_pv_segments
@@ -136,10 +136,12 @@ def kernels_alone(impl: str):
     valid = jnp.ones((b, t), bool)
     qd, lens, lens2 = q[:, :, 0], jnp.array([5, 16]), jnp.array([2, 9])
     segs = [(k, v, lens), (v, k, lens2)]
-    probs = decode_segments(qd, segs, return_probs=True, impl=impl)[1]
+    probs = decode_segments(qd, segs, return_probs=True, impl=impl)[2]  # per segment (p, lse)
     values = [(v, lens), (k, lens2)]
     pairs = [
         (attend(q, k, v, pos, pos, valid, impl=impl), attend(q, k, v, pos, pos, valid, impl=impl, mesh=mesh)),
+        (attend(q, k, v, pos, pos, valid, impl=impl, return_lse=True),  # a VLA lazy layer's two halves merge by lse
+         attend(q, k, v, pos, pos, valid, impl=impl, mesh=mesh, return_lse=True)),
         (decode_segments(qd, segs, return_probs=True, impl=impl),
          decode_segments(qd, segs, return_probs=True, impl=impl, mesh=mesh)),
         (lazy_pv_segments(probs, values, impl=impl), lazy_pv_segments(probs, values, impl=impl, mesh=mesh)),

@@ -28,7 +28,7 @@ N_QUESTIONS = 24  # every question of the first few test images (colour, shape a
 def demo_ckpt(tmp_path_factory):
     """The demo checkpoint assembled into a fresh cache (what ``make demo`` does on first use)."""
     shipped = ["trained.safetensors", "manifest.json", "qcache_config.json", "schedule-gla-0.5.json",
-               "schedule-vla-0.5.json", "adapters-gla-0.5.safetensors", "adapters-vla-0.5.safetensors"]
+               "schedule-vla-0.5.json", "adapters-gla-0.5.safetensors"]
     missing = [f for f in shipped if not (S.PARTS_DIR / f).is_file()]
     if missing:  # the demo and the notebooks use every one of them
         pytest.fail(f"the shipped parts lack {', '.join(missing)} in {S.PARTS_DIR}")

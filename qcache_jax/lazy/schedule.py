@@ -26,6 +26,10 @@ from ..errors import QCacheError
 
 MODES = ("vla", "gla")
 DEFAULT_MODE = "vla"
+# Which VLA formula the code computes (docs/method.md): 2 = every query row scores the visual
+# keys with the anchor's Q Cache and keys (revised 2026-12-07); 1 = the first reading (visual
+# query rows only). Measurements record it, so results of another formula are not shown as ours.
+VLA_FORMULA = 2
 SCHEDULE_FILE = "schedule.json"
 
 
