@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from qcache_jax.errors import run_entry_point  # noqa: E402
+from qcache_jax.errors import QCacheError, run_entry_point  # noqa: E402
 from qcache_jax.tools import bench  # noqa: E402
 
 MIB = 2**20
@@ -394,8 +394,9 @@ def render(res: dict) -> str:
           "VmHWM right after it; the table shows the largest over the rounds.",
           "* Bytes per decode step (ours): weights read (every decoder-layer parameter except a GLA lazy layer's "
           "q_proj/k_proj, plus the final norm and output head) + KV arrays read at their allocated capacity (a "
-          "dense layer or anchor its K and V; a GLA lazy layer its V; a VLA lazy layer its V, its text K and its "
-          "anchor's visual K). Achieved GB/s = bytes per step / (rows / decode tokens/s). The bandwidth model's "
+          "dense layer or anchor its K and V; a GLA lazy layer its V, multiplied with its anchor's probabilities; a "
+          "VLA lazy layer its V and its text K, its anchor's visual-segment probabilities replacing the visual K). "
+          "Achieved GB/s = bytes per step / (rows / decode tokens/s). The bandwidth model's "
           "lazy/dense = dense bytes per step / lazy bytes per step at the same batch.",
           "* Lazy schedules: round(fraction x layers) lazy layers spread evenly over layers 1..L-1 (layer 0 "
           "dense); the weights are random, so there is nothing to calibrate and decode cost depends only on the "
@@ -547,6 +548,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true", help="leave llama.cpp out even when it is installed")
     ap.add_argument("--scaling-only", action="store_true",
                     help="only compute the scaling section (bytes per device on a mesh) and put it into --out")
+    ap.add_argument("--render-only", action="store_true",
+                    help="measure nothing: write --out again from --results (after a change to the tables' text)")
     args = ap.parse_args(argv)
     argv = list(sys.argv[1:] if argv is None else argv)
     p = json.loads(json.dumps(PROFILES[args.profile]))  # a copy
@@ -562,6 +565,11 @@ def main(argv=None) -> int:
         return 0
     results_path = Path(args.results) if args.results else (
         out.with_suffix(".json") if args.out else ROOT / "benchmarks" / "results.json")
+    if args.render_only:
+        if not results_path.is_file():
+            raise QCacheError(f"{results_path}: no results to render (run without --render-only first)")
+        out.write_text(render(json.loads(results_path.read_text())))
+        return 0
     t0 = time.perf_counter()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
