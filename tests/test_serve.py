@@ -164,6 +164,10 @@ def test_sampling_options_and_stop(dense):
     stream = client(url).chat.completions.create(model=NAME, messages=user(PROMPT), max_tokens=12, temperature=0,
                                                  stop=cut, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    # vLLM's ignore_eos: exactly max_tokens (the benchmark's fixed output lengths)
+    r = client(url).chat.completions.create(model=NAME, messages=user(PROMPT), max_tokens=40, temperature=0,
+                                            extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
 
 
 def test_gla_admits_more_slots_under_the_same_budget(model, dense):

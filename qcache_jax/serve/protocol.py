@@ -49,6 +49,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     model: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks use it)
 
 
 def _bad(message: str) -> APIError:
@@ -165,6 +166,11 @@ def parse_chat(body, *, served_model: str, max_images: int) -> ChatRequest:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("'stream' must be true or false")
+    ignore_eos = body.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise _bad("'ignore_eos' must be true or false")
+    if ignore_eos and max_tokens is None:
+        raise _bad("'ignore_eos' needs 'max_tokens'")
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object")
@@ -179,6 +185,7 @@ def parse_chat(body, *, served_model: str, max_images: int) -> ChatRequest:
         stream=stream,
         include_usage=bool(opts.get("include_usage", False)),
         model=model,
+        ignore_eos=ignore_eos,
     )
 
 

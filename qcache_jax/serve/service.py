@@ -98,7 +98,7 @@ class ChatService:
             raise APIError(400, str(e) + " (--max-model-len sets the slot length)") from None
         sampling = RowSampling(temperature=chat.temperature, top_p=chat.top_p, seed=chat.seed)
         return Request(prompt=ids, pixel_values=pv, n_image_tokens=n_img, max_tokens=max_tokens, sampling=sampling,
-                       eos=self.eos)
+                       eos=() if chat.ignore_eos else self.eos)
 
     def text_stream(self, chat: ChatRequest) -> TextStream:
         return TextStream(self.model.detokenize, chat.stop)
