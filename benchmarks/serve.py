@@ -181,11 +181,14 @@ def _one(client, r: dict) -> dict:
                                             extra_body={"ignore_eos": True})
     for c in stream:
         now = time.perf_counter()
-        if c.choices and c.choices[0].delta.content:
+        # the server sends one chunk per token (content possibly empty), after the role chunk
+        if c.choices and c.choices[0].delta.content is not None and c.choices[0].delta.role is None:
             first = first or now
             last = now
         if c.usage is not None:
             n = c.usage.completion_tokens
+    if first is None:
+        raise QCacheError(f"a streamed request got no token chunk (usage says {n} tokens)")
     return {"ttft": first - t0, "tpot": (last - first) / max(n - 1, 1), "tokens": n, "end": last}
 
 
@@ -199,7 +202,10 @@ def run_load(server: Server, requests: list[dict], clients: int) -> dict:
 
     def watch():
         while not stop.is_set():
-            h = server.health()
+            try:
+                h = server.health()
+            except OSError:  # the server went away: the round fails on its requests
+                return
             for k in peak:
                 peak[k] = max(peak[k], h[k])
             time.sleep(0.1)

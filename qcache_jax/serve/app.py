@@ -52,7 +52,8 @@ class _Generation:
         self.prompt_tokens = len(runtime_request.prompt)
 
     async def deltas(self):
-        """Yield text pieces until the request ends (sets ``finish``, ``error``)."""
+        """Yield a text piece per generated token (possibly empty) and for the final flush,
+        until the request ends (sets ``finish``, ``error``)."""
         while self.finish is None:
             ev = await self.queue.get()
             if ev.tokens:
@@ -69,8 +70,8 @@ class _Generation:
                 self.finish = "stop"
             elif ev.finish is not None:
                 self.finish, self.error = ev.finish, ev.error
-            if piece:
-                yield piece
+            if piece or ev.tokens:  # one chunk per generated token (its text may be held back or
+                yield piece         # empty, e.g. a special token): clients can time every token
         self.metrics.requests.labels("200" if self.error is None else "500", self.finish).inc()
 
     def cancel(self) -> None:
