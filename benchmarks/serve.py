@@ -46,7 +46,7 @@ from qcache_jax.errors import QCacheError, run_entry_point  # noqa: E402
 from qcache_jax.tools import bench  # noqa: E402
 
 MIB = 2**20
-TITLE = "## Serving under a KV budget (`qcache serve`, continuous batching)"
+from benchmarks.run import SERVE_TITLE as TITLE, put_section, table  # noqa: E402
 GOAL = 1.3  # the issue's: lazy >= 1.3x dense tokens/s at equal or better p99 per-token time
 PAPER = 1.5
 NAME = "bench"
@@ -211,6 +211,7 @@ def run_load(server: Server, requests: list[dict], clients: int) -> dict:
             time.sleep(0.1)
 
     w = threading.Thread(target=watch, daemon=True)
+    before = server.health()
     w.start()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -218,12 +219,14 @@ def run_load(server: Server, requests: list[dict], clients: int) -> dict:
     wall = time.perf_counter() - t0
     stop.set()
     w.join()
+    after = server.health()
+    spent = {k: after[k] - before[k] for k in ("prefill_seconds", "decode_seconds", "decode_steps")}
     want = sum(r["max_tokens"] for r in requests)
     got = sum(d["tokens"] for d in done)
     if got != want:
         raise QCacheError(f"server {server.key} generated {got} tokens, {want} were asked for")
     return {"wall_seconds": wall, "tokens": got, "tokens_per_second": got / wall,
-            "ttft": [d["ttft"] for d in done], "tpot": [d["tpot"] for d in done], "peak": dict(peak)}
+            "ttft": [d["ttft"] for d in done], "tpot": [d["tpot"] for d in done], "peak": dict(peak), "server": spent}
 
 
 def hf_batches(hf_dir: Path, requests: list[dict], batch: int, threads: int) -> dict:
@@ -283,8 +286,9 @@ def predicted(ckpt, slots: dict, lazies: dict, p: dict) -> dict:
 
 
 def measure(p: dict, profile: str, log, cache: Path) -> dict:
-    from benchmarks.run import measure_bandwidth
+    from benchmarks.run import measure_bandwidth  # noqa: PLC0415 - beside the other benchmarks' helpers
 
+    git = bench.git_state()  # the code that runs, before anything could change the checkout
     cpus = bench.pinned_cpus(p["threads"])
     setup = demo_setup(log) if p["model"] == "demo" else tiny_setup(log, cache)
     lazies = {"dense": ("none", None), "gla-0.5": setup["lazy"]["gla"], "vla-0.5": setup["lazy"]["vla"]}
@@ -323,7 +327,7 @@ def measure(p: dict, profile: str, log, cache: Path) -> dict:
     bw.append(measure_bandwidth(p, log))
     return {"profile": profile, "settings": p, "data": setup["data"], "slots": slots,
             "schedules": {k: v[0] for k, v in lazies.items()}, "runs": runs, "hf": hf, "bandwidth": bw,
-            "model": predicted(setup["ckpt"], slots, lazies, p), "machine": bench.machine(), "git": bench.git_state()}
+            "model": predicted(setup["ckpt"], slots, lazies, p), "machine": bench.machine(), "git": git}
 
 
 def summarize(res: dict) -> dict:
@@ -334,10 +338,18 @@ def summarize(res: dict) -> dict:
         rows[k] = {"slots": res["slots"][k], "peak_active": max(r["peak"]["slots_active"] for r in runs),
                    "tokens_per_second": statistics.median(r["tokens_per_second"] for r in runs),
                    "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "tpot_p50": pct(tpot, 50),
-                   "tpot_p99": pct(tpot, 99), "per_round": [r["tokens_per_second"] for r in runs]}
+                   "tpot_p99": pct(tpot, 99), "per_round": [r["tokens_per_second"] for r in runs],
+                   # the server's own clock: where its time went, and decode alone
+                   "step_ms": statistics.median(1e3 * r["server"]["decode_seconds"] / r["server"]["decode_steps"]
+                                                for r in runs),
+                   "prefill_share": statistics.median(r["server"]["prefill_seconds"] / (
+                       r["server"]["prefill_seconds"] + r["server"]["decode_seconds"]) for r in runs),
+                   "decode_tokens_per_second": statistics.median(
+                       (r["tokens"] - len(r["ttft"])) / r["server"]["decode_seconds"] for r in runs)}
     d = rows["dense"]
     for k, r in rows.items():
         r["vs_dense"] = round(r["tokens_per_second"], 1) / round(d["tokens_per_second"], 1)
+        r["decode_vs_dense"] = round(r["decode_tokens_per_second"], 1) / round(d["decode_tokens_per_second"], 1)
         r["model_vs_dense"] = res["model"][k]["vs_dense"]
     return rows
 
@@ -359,7 +371,7 @@ def render(res: dict) -> str:
          f"tokens/s is the median over rounds (output tokens / wall time of the round, prefill included); latencies "
          f"are pooled over the rounds (time to first token from the request's start; per-token time "
          f"(last - first) / (n - 1) per request).", ""]
-    L += bench_table(["server", "schedule", "slots (budget)", "peak busy", "output tok/s", "vs dense",
+    L += table(["server", "schedule", "slots (budget)", "peak busy", "output tok/s", "vs dense",
                       "bandwidth model", "TTFT p50 / p99 ms", "per-token p50 / p99 ms"],
                      [[k, res["model"][k]["schedule"], r["slots"], r["peak_active"], f"{r['tokens_per_second']:.1f}",
                        f"{r['vs_dense']:.2f}x", f"{r['model_vs_dense']:.2f}x",
@@ -372,6 +384,17 @@ def render(res: dict) -> str:
     best = max((k for k in rows if k != "dense"), key=lambda k: rows[k]["vs_dense"])
     b, d = rows[best], rows["dense"]
     met = b["vs_dense"] >= GOAL and b["tpot_p99"] <= d["tpot_p99"]
+    L += ["Where each server's time went (its own counters, `qcache_prefill_seconds_total` and "
+          "`qcache_decode_seconds_total`, medians over rounds). Decode tok/s: tokens after the first of each "
+          "request per second of decode steps; the first token comes from the prefill. *At read bandwidth*: the "
+          "step's bytes (the bandwidth model) over the better of the run's two bandwidth measurements: the time "
+          "a step would take if reading memory were all it did.", ""]
+    L += table(["server", "slots", "decode step ms", "at read bandwidth ms", "prefill share of busy time",
+                "decode tok/s", "vs dense", "bandwidth model"],
+               [[k, r["slots"], f"{r['step_ms']:.1f}", f"{1e3 * res['model'][k]['step_bytes'] / (max(bw) * 1e9):.1f}",
+                 f"{100 * r['prefill_share']:.0f}%",
+                 f"{r['decode_tokens_per_second']:.1f}", f"{r['decode_vs_dense']:.2f}x",
+                 f"{r['model_vs_dense']:.2f}x"] for k, r in rows.items()])
     L += [f"Goal: lazy >= {GOAL}x dense tokens/s at equal or better p99 per-token time. Best lazy server: {best}, "
           f"{b['vs_dense']:.2f}x at p99 per-token {ms(b['tpot_p99'])} ms vs dense {ms(d['tpot_p99'])} ms: "
           f"**{'met' if met else 'missed'}**. The paper reports {PAPER}x. Per-round tokens/s: "
@@ -381,28 +404,6 @@ def render(res: dict) -> str:
                       f"MiB KV)" for k, m in res["model"].items())
           + ". It predicts tokens/s proportional to slots / bytes per step (decode only, reading whole arrays)."]
     return "\n".join(L).rstrip() + "\n"
-
-
-def bench_table(headers, rows) -> list[str]:
-    from benchmarks.run import table
-
-    return table(headers, rows)
-
-
-def put_section(out: Path, section: str) -> None:
-    """Put ``section`` into ``out`` in place of an earlier one (else before the targets, else at
-    the end); everything else stays."""
-    text = out.read_text() if out.is_file() else "# Benchmarks\n"
-    if TITLE in text:
-        head, rest = text.split(TITLE, 1)
-        nxt = rest.find("\n## ")
-        text = head + section + ("\n" + rest[nxt + 1 :] if nxt >= 0 else "")
-    elif "\n## Targets" in text:
-        head, tail = text.split("\n## Targets", 1)
-        text = head.rstrip("\n") + "\n\n" + section + "\n## Targets" + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    out.write_text(text)
 
 
 def main(argv=None) -> int:
@@ -420,7 +421,7 @@ def main(argv=None) -> int:
     if args.render_only:
         if not results.is_file():
             raise QCacheError(f"{results}: no results to render (run without --render-only first)")
-        put_section(out, render(json.loads(results.read_text())))
+        put_section(out, TITLE, render(json.loads(results.read_text())))
         return 0
     t0 = time.perf_counter()
 
@@ -431,7 +432,7 @@ def main(argv=None) -> int:
     res["elapsed_seconds"] = time.perf_counter() - t0
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    put_section(out, render(res))
+    put_section(out, TITLE, render(res))
     log(f"wrote {out} and {results}")
     return 0
 

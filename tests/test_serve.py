@@ -267,6 +267,7 @@ def test_200_requests_leave_nothing_behind(model, image_path):
         after = (len(jax.live_arrays()), sum(a.nbytes for a in jax.live_arrays()))
         assert after == before  # no device array kept per request
         assert metric(url, "qcache_requests_total", status="200") == 202
+        assert metric(url, "qcache_decode_steps_total") > 0 and metric(url, "qcache_prefill_seconds_total") > 0
         assert metric(url, "qcache_generated_tokens_total") == metric(url, "qcache_time_to_first_token_seconds_count") \
             + metric(url, "qcache_time_per_output_token_seconds_count")
 

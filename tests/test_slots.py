@@ -153,14 +153,21 @@ def _wait(handle, timeout=60):
 
 
 def test_scheduler_queue_cancel_and_no_recompile(model, hf_config, rng):
+    reqs = _requests(hf_config, rng, 4)
+    refs = [model.generate(input_ids=np.array([p]), pixel_values=pv, lazy="1-3", mode="gla", max_new_tokens=6,
+                           eos_token_id=-1).token_ids[0] for p, pv in reqs]
     eng = _engine(model, "1-3", "gla", slots=2)
     eng.warmup(prompt_lengths=(16, 32), image_counts=(0, 1))
     compiles = eng.compiles
+    backend = []  # every XLA compilation, also any the engine's own count would miss
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: backend.append(name) if "backend_compile" in name else None)
+    warm = eng.prefill(*reqs[0], RowSampling(temperature=0.5, seed=3))  # the PRNG's first use
+    eng.insert(0, warm)
+    eng.release(0)
+    n_backend = len(backend)
     sched = Scheduler(eng, max_queue=2).start()
     try:
-        reqs = _requests(hf_config, rng, 4)
-        refs = [model.generate(input_ids=np.array([p]), pixel_values=pv, lazy="1-3", mode="gla", max_new_tokens=6,
-                               eos_token_id=-1).token_ids[0] for p, pv in reqs]
         n_img = model.config.image_tokens_per_image
         handles = [sched.submit(Request(p, pv, n_img, max_tokens=6)) for p, pv in reqs]
         assert [_wait(h) for h in handles] == [(r, "length") for r in refs]
@@ -179,6 +186,7 @@ def test_scheduler_queue_cancel_and_no_recompile(model, hf_config, rng):
         with pytest.raises(QCacheError, match="does not fit a slot"):
             sched.submit(Request(reqs[0][0], reqs[0][1], n_img, max_tokens=200))
         assert eng.compiles == compiles  # every prompt fell in a warmed-up bucket
+        assert len(backend) == n_backend, backend[n_backend:]
         stats = sched.stats()
         assert stats["slots_active"] == 0 and stats["queue_length"] == 0 and stats["kv_bytes_in_use"] == 0
     finally:
@@ -211,3 +219,49 @@ def test_prefill_budget_bounds_admission_per_step(model, hf_config, rng):
         sched.shutdown(timeout=5)
     steps_at_first = [first_step[i] for i in range(3)]
     assert steps_at_first == [0, 1, 2]
+
+
+MESH_CHECK = """
+import json, sys
+import numpy as np
+from qcache_jax import load
+from qcache_jax.runtime.scheduler import Request
+from qcache_jax.serve import service
+
+ck, out = sys.argv[1], {}
+ref = load(ck)
+ids, _ = ref.encode("what color is it", [])
+for spec in ("data=2,model=1", "data=1,model=2", "data=2,model=2"):
+    model = load(ck, mesh=spec)
+    for lazy, mode in (("none", None), ("1-3", "gla"), ("1-2", "vla")):
+        want = ref.generate(input_ids=np.array([ids]), lazy=lazy, mode=mode, max_new_tokens=6,
+                            eos_token_id=-1).token_ids[0]
+        svc = service.build(model, model.resolve_lazy(lazy, mode), service.ServeConfig(kv_budget=2**19,
+                                                                                     max_model_len=128))
+        h = svc.scheduler.submit(Request(ids, None, 0, max_tokens=6))
+        got = []
+        while True:
+            ev = h.events.get(timeout=300)
+            got += ev.tokens
+            if ev.finish:
+                break
+        out[f"{spec} {lazy}"] = [got == want, svc.engine.layout.slots % 2 if "data=2" in spec else 0]
+        svc.scheduler.shutdown(2)
+print(json.dumps(out))
+"""
+
+
+def test_slots_on_a_mesh_equal_one_device(tiny_ckpt):
+    """The pool on meshes of 4 host CPU devices (rows over data, KV heads over model): the
+    same tokens as one device's generate; the slot count is a multiple of the data axis."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", MESH_CHECK, str(tiny_ckpt)], capture_output=True, text=True, env=env,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(out) == 9 and all(v == [True, 0] for v in out.values()), out

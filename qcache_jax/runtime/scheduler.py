@@ -120,6 +120,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
         self.finished = 0
+        # Seconds the loop spent in prefill (+ insert) and in decode steps: the prefill share of
+        # a server's time is what dilutes a lazy schedule's decode saving under load.
+        self.prefill_seconds = 0.0
+        self.decode_seconds = 0.0
 
     # -- the caller's side --------------------------------------------------------------------------
 
@@ -151,7 +155,8 @@ class Scheduler:
         with self._cv:
             active, waiting = len(self._running), len(self._waiting)
         return {"slots_total": self.engine.layout.slots, "slots_active": active, "queue_length": waiting,
-                "kv_bytes_in_use": active * self.engine.slot_kv_bytes}
+                "kv_bytes_in_use": active * self.engine.slot_kv_bytes, "decode_steps": self.steps,
+                "prefill_seconds": self.prefill_seconds, "decode_seconds": self.decode_seconds}
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop accepting; let running and waiting requests finish for up to ``timeout``
@@ -204,9 +209,10 @@ class Scheduler:
                     continue
                 slot = self._free.pop()
             req = handle.request
+            t0 = time.perf_counter()
             try:
                 new = self.engine.prefill(req.prompt, req.pixel_values, req.sampling)
-                first = self.engine.insert(slot, new)
+                first = self.engine.insert(slot, new)  # reads the first token: the prefill has run
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
                 with self._cv:
                     self._free.append(slot)
@@ -214,6 +220,8 @@ class Scheduler:
                 if self.log:
                     self.log(f"request {handle.id} failed in prefill: {type(e).__name__}: {e}")
                 continue
+            finally:
+                self.prefill_seconds += time.perf_counter() - t0
             self._running[slot] = _Running(handle)
             spent += len(req.prompt)
             self._emit(slot, first)
@@ -242,6 +250,7 @@ class Scheduler:
                     self._finish(slot, "abort", error=f"decode failed: {type(e).__name__}")
                 continue
             self.steps += 1
+            self.decode_seconds += time.perf_counter() - t0
             if self.on_step:
                 self.on_step(len(self._running), time.perf_counter() - t0)
             for slot in list(self._running):

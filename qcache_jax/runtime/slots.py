@@ -34,6 +34,10 @@ from .engine import bucket, pow2
 from .sampling import sample_rows
 
 
+PROMPT_STEP = 32
+FINE_PROMPTS_UP_TO = 512
+
+
 @dataclasses.dataclass(frozen=True)
 class SlotLayout:
     """Static shape of the pool: ``slots`` rows, each with ``image_len`` visual and ``text_len``
@@ -173,8 +177,13 @@ class SlotEngine:
         return layout_kv_bytes(self.layout.cache(), self.cfg.text, self.dtype)[0]
 
     def prompt_bucket(self, n_tokens: int) -> int:
-        """The padded prompt length a prefill of ``n_tokens`` compiles for."""
-        return min(bucket(n_tokens), max(self.layout.max_len, n_tokens))
+        """The padded prompt length a prefill of ``n_tokens`` compiles for: a multiple of
+        :data:`PROMPT_STEP` up to :data:`FINE_PROMPTS_UP_TO` tokens, then ``generate``'s buckets.
+        A server prefills every request on its own, so padding costs it directly; finer buckets
+        than ``generate``'s powers of two cost a few more compilations (once each, ``--warmup``)."""
+        n = max(int(n_tokens), 1)
+        b = -(-n // PROMPT_STEP) * PROMPT_STEP if n <= FINE_PROMPTS_UP_TO else bucket(n)
+        return min(b, max(self.layout.max_len, n))
 
     def check_fits(self, n_prompt: int, n_image_tokens: int, max_tokens: int) -> None:
         """QCacheError with the numbers when a prompt of ``n_prompt`` tokens (``n_image_tokens``

@@ -5,10 +5,29 @@ servers in one process, as in the tests, keep separate counts). Names as
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 # Seconds; first tokens include prefill (and a compilation for a new prompt size).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _SchedulerCounters:
+    """Counters the scheduler keeps itself (read at scrape time): where its time went."""
+
+    DOCS = {
+        "prefill_seconds": "Seconds the scheduler spent prefilling admitted requests",
+        "decode_seconds": "Seconds the scheduler spent in decode steps",
+        "decode_steps": "Decode steps run (each advances every active slot by one token)",
+    }
+
+    def __init__(self, stats):
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        for name, doc in self.DOCS.items():
+            yield CounterMetricFamily(f"qcache_{name}", doc, value=s[name])
 
 
 class Metrics:
@@ -25,6 +44,7 @@ class Metrics:
             ("kv_bytes_in_use", "KV-cache bytes of the slots holding a running request"),
         ):
             Gauge(f"qcache_{name}", doc, registry=r).set_function(lambda n=name: self._stats()[n])
+        r.register(_SchedulerCounters(stats))
         self.requests = Counter("qcache_requests", "Requests answered, by HTTP status and finish reason",
                                 ("status", "finish_reason"), registry=r)
         self.generated = Counter("qcache_generated_tokens", "Tokens generated", registry=r)
