@@ -388,8 +388,8 @@ def test_cli_help_renders_cleanly(capsys):
 def test_serve_benchmark_smoke(tmp_path, cache_dir):
     """benchmarks.serve end to end on a tiny model: three real servers under one budget, the
     section put into an existing BENCHMARKS.md (the rest kept, a second run replaces it), the
-    ratios those of the printed numbers, every requested token generated; benchmarks.run's
-    re-render keeps the section."""
+    ratios those of the printed numbers, every requested token generated; putting another
+    section in (as benchmarks.run does when it re-renders) keeps it."""
     from benchmarks import serve
 
     out = tmp_path / "B.md"

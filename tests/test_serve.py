@@ -170,6 +170,45 @@ def test_sampling_options_and_stop(dense):
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
 
 
+class _ByteTokens:
+    """A real ``tokenizers`` ByteFallback decoder (as Llama's): ids 0-255 are bytes, then words."""
+
+    def __init__(self):
+        from tokenizers import Tokenizer, decoders, models
+
+        vocab = {f"<0x{i:02X}>": i for i in range(256)}
+        vocab.update({w: 256 + i for i, w in enumerate(("▁a", "▁b", "cd", "▁STOP", "P"))})
+        self.tok = Tokenizer(models.WordLevel(vocab, unk_token="<0x00>"))
+        self.tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        self.vocab = vocab
+
+    def __call__(self, ids):
+        return self.tok.decode(ids)
+
+
+def test_text_stream_multibyte_and_stop_prefixes(model, rng):
+    dec = _ByteTokens()
+    v = dec.vocab
+    ids = [v["▁a"], *"你".encode(), v["cd"], *"é".encode(), v["▁b"]]
+    full = dec(ids)
+    assert full == " a你cdé b"
+    ts = service.TextStream(dec)
+    pieces = [ts.push([i]) for i in ids] + [ts.push([], final=True)]
+    assert "".join(pieces) == full and "\ufffd" not in "".join(pieces)
+    # the tail that could begin a stop string is held back until it cannot; a stop string that
+    # appears cuts the text before it, and nothing of it was ever sent
+    ids = [v["▁a"], v["▁STOP"], v["▁b"]]
+    ts = service.TextStream(dec, stop=("STOP!",))
+    assert [ts.push([i]) for i in ids] == [" a", " ", "STOP b"] and not ts.stopped
+    ts = service.TextStream(dec, stop=("P b",))
+    assert [ts.push([i]) for i in ids] == [" a", " STO", ""] and ts.stopped
+    # the tiny test tokenizer (word-level, spaces between words): incremental == a decode of all ids
+    for _ in range(5):
+        ids = rng.integers(3, 100, size=30).tolist()
+        ts = service.TextStream(model.detokenize)
+        assert "".join(ts.push([i]) for i in ids) + ts.push([], final=True) == model.detokenize(ids)
+
+
 def test_gla_admits_more_slots_under_the_same_budget(model, dense):
     _, url = dense
     with running(model, "1-3", "gla") as (svc, gla_url):
@@ -219,7 +258,7 @@ def test_bad_input_gets_4xx_and_the_server_keeps_serving(dense, image_path, tmp_
 def test_queue_full_is_429_with_retry_after(model):
     with running(model, kv_budget=2 * 65536, max_queue=1) as (svc, url):
         slots = svc.engine.layout.slots
-        long = {"messages": user(PROMPT), "max_tokens": 100, "temperature": 0}
+        long = {"messages": user(PROMPT), "max_tokens": 100, "temperature": 0, "ignore_eos": True}
         with ThreadPoolExecutor(slots + 1) as pool:
             busy = [pool.submit(post, url, long) for _ in range(slots + 1)]  # every slot, and the queue
             deadline = time.monotonic() + 60
@@ -232,7 +271,9 @@ def test_queue_full_is_429_with_retry_after(model):
 
 
 def test_disconnect_mid_stream_frees_the_slot(dense):
+    """The request ends at the disconnect, long before its 100 tokens."""
     svc, url = dense
+    tokens_before = metric(url, "qcache_generated_tokens_total")
     stream = client(url).chat.completions.create(model=NAME, messages=user(PROMPT), max_tokens=100, temperature=0,
                                                  stream=True, extra_body={"ignore_eos": True})
     chunks = iter(stream)
@@ -244,6 +285,7 @@ def test_disconnect_mid_stream_frees_the_slot(dense):
     while svc.scheduler.stats()["slots_active"] and time.monotonic() < deadline:
         time.sleep(0.02)
     assert svc.scheduler.stats()["slots_active"] == 0
+    assert metric(url, "qcache_generated_tokens_total") - tokens_before < 90
 
 
 def test_200_requests_leave_nothing_behind(model, image_path):
@@ -298,7 +340,7 @@ def test_sigterm_stops_accepting_finishes_and_exits_0(tiny_ckpt, tmp_path):
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rest = []
-        with contextlib.suppress(Exception):  # an aborted stream may end without its last chunk
+        with contextlib.suppress(openai.APIError):  # an aborted stream ends with an error event
             rest = list(it)
         assert proc.wait(timeout=30) == 0
         assert time.monotonic() - t0 < 3 + 15  # the shutdown timeout, and the exit

@@ -15,6 +15,9 @@ def run(args) -> int:
     from ..lazy.schedule import Schedule
     from ..serve import server, service
 
+    if args.distributed is not None:
+        raise QCacheError("qcache serve runs on one host: --distributed (multi-host) is not supported; "
+                          "use --mesh over this host's devices")
     budget = parse_size("--kv-budget", args.kv_budget)
     for name in ("max_queue", "max_model_len", "prefill_budget"):
         positive("--" + name.replace("_", "-"), getattr(args, name))

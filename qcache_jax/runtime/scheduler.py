@@ -28,6 +28,7 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 from ..errors import QCacheError
@@ -88,7 +89,10 @@ class RequestHandle:
         event.time = time.perf_counter()
         if event.finish is not None:
             self.finished = True
-        (self.listener or self.events.put)(event)
+        try:
+            (self.listener or self.events.put)(event)
+        except Exception:  # noqa: BLE001 - the receiver is gone (e.g. its event loop closed): nobody to tell
+            pass
 
 
 @dataclasses.dataclass
@@ -197,6 +201,16 @@ class Scheduler:
         elif run.n_out >= req.max_tokens:
             self._finish(slot, "length")
 
+    def _drop_cancelled_waiting(self) -> None:
+        """Requests cancelled while they waited leave the queue now (not when a slot frees up),
+        so they count neither toward ``max_queue`` nor toward the queue length."""
+        with self._cv:
+            gone = [h for h in self._waiting if h.cancel_reason]
+            if gone:
+                self._waiting = collections.deque(h for h in self._waiting if not h.cancel_reason)
+        for h in gone:
+            h._send(Event([], finish=h.cancel_reason))
+
     def _admit(self) -> None:
         spent = 0
         while spent < self.prefill_budget:
@@ -211,8 +225,9 @@ class Scheduler:
             req = handle.request
             t0 = time.perf_counter()
             try:
-                new = self.engine.prefill(req.prompt, req.pixel_values, req.sampling)
-                first = self.engine.insert(slot, new)  # reads the first token: the prefill has run
+                # Finished before the insert: a prefill that fails (asynchronously, e.g. out of
+                # memory) fails here, before the pool is donated to the insert.
+                new = jax.block_until_ready(self.engine.prefill(req.prompt, req.pixel_values, req.sampling))
             except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
                 with self._cv:
                     self._free.append(slot)
@@ -222,9 +237,56 @@ class Scheduler:
                 continue
             finally:
                 self.prefill_seconds += time.perf_counter() - t0
+            try:
+                first = self.engine.insert(slot, new)
+            except Exception as e:  # noqa: BLE001 - the donated pool may be gone: start over
+                with self._cv:
+                    self._free.append(slot)
+                handle._send(Event([], finish="abort", error=f"{type(e).__name__}: {e}"))
+                self._fail_running(f"insert failed: {type(e).__name__}: {e}")
+                continue
             self._running[slot] = _Running(handle)
             spent += len(req.prompt)
             self._emit(slot, first)
+
+    def _fail_running(self, why: str) -> None:
+        """Abort every running request and start from an empty pool (after a failed step or
+        insert, the donated pool may be gone)."""
+        if self.log:
+            self.log(f"{why}; aborting {len(self._running)} running request(s)")
+        for slot, run in list(self._running.items()):
+            self._running.pop(slot)
+            with self._cv:
+                self._free.append(slot)
+            self.finished += 1
+            run.handle._send(Event([], finish="abort", error=why))
+        self.engine.reset()
+
+    @property
+    def alive(self) -> bool:
+        """The loop thread runs (``/health`` reports it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _iteration(self) -> None:
+        for slot, run in list(self._running.items()):
+            if run.handle.cancel_reason:
+                self._finish(slot, run.handle.cancel_reason)
+        self._drop_cancelled_waiting()
+        self._admit()
+        if not self._running:
+            return
+        t0 = time.perf_counter()
+        try:
+            tokens = self.engine.step()
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail the running requests, keep serving
+            self._fail_running(f"decode step failed: {type(e).__name__}: {e}")
+            return
+        self.steps += 1
+        self.decode_seconds += time.perf_counter() - t0
+        if self.on_step:
+            self.on_step(len(self._running), time.perf_counter() - t0)
+        for slot in list(self._running):
+            self._emit(slot, int(tokens[slot]))
 
     def _loop(self) -> None:
         while True:
@@ -233,28 +295,15 @@ class Scheduler:
                     self._cv.wait(timeout=0.5)
                 if self._stop:
                     break
-            for slot, run in list(self._running.items()):
-                if run.handle.cancel_reason:
-                    self._finish(slot, run.handle.cancel_reason)
-            self._admit()
-            if not self._running:
-                continue
-            t0 = time.perf_counter()
             try:
-                tokens = self.engine.step()
-            except Exception as e:  # noqa: BLE001 - e.g. out of memory: fail the running requests, keep serving
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 - a bug must not leave a server that queues forever
                 if self.log:
-                    self.log(f"decode step failed, aborting {len(self._running)} request(s): {type(e).__name__}: {e}")
-                self.engine.reset()
-                for slot in list(self._running):
-                    self._finish(slot, "abort", error=f"decode failed: {type(e).__name__}")
-                continue
-            self.steps += 1
-            self.decode_seconds += time.perf_counter() - t0
-            if self.on_step:
-                self.on_step(len(self._running), time.perf_counter() - t0)
-            for slot in list(self._running):
-                self._emit(slot, int(tokens[slot]))
+                    self.log(f"scheduler iteration failed: {type(e).__name__}: {e}")
+                try:
+                    self._fail_running(f"scheduler error: {type(e).__name__}")
+                except Exception:  # noqa: BLE001
+                    break
         for slot in list(self._running):  # shutdown: whatever still runs is aborted
             self._finish(slot, "abort", error="the server shut down before the request finished")
         with self._cv:

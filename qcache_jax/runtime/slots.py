@@ -306,6 +306,7 @@ class SlotEngine:
 
     def reset(self) -> None:
         """A fresh, empty pool (after a failed step, whose donated pool may be gone)."""
+        self.pool = None  # the old pool's buffers go before the new ones are allocated
         self.pool = self._empty_pool()
 
     def active(self) -> np.ndarray:

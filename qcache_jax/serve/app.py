@@ -34,15 +34,20 @@ def _error(e: APIError) -> JSONResponse:
 class _Generation:
     """One request's events on the event loop, and the metrics they feed."""
 
-    def __init__(self, service: ChatService, metrics: Metrics, chat: protocol.ChatRequest, runtime_request):
-        self.service, self.metrics, self.chat = service, metrics, chat
+    def __init__(self, service: ChatService, metrics: Metrics, chat: protocol.ChatRequest, runtime_request,
+                 arrived: float):
+        self.service, self.metrics, self.chat, self.arrived = service, metrics, chat, arrived
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.text = service.text_stream(chat)
         self.n_out, self.last, self.finish, self.error = 0, None, None, None
+
+        def deliver(ev):  # called from the scheduler's thread
+            if not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, ev)
+
         try:
-            self.handle = service.scheduler.submit(
-                runtime_request, listener=lambda ev: self.loop.call_soon_threadsafe(self.queue.put_nowait, ev))
+            self.handle = service.scheduler.submit(runtime_request, listener=deliver)
         except QueueFull as e:
             raise APIError(429, str(e), "rate_limit_exceeded", {"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
         except ShuttingDown as e:
@@ -59,15 +64,16 @@ class _Generation:
             if ev.tokens:
                 self.metrics.generated.inc(len(ev.tokens))
                 if self.last is None:
-                    self.metrics.ttft.observe(ev.time - self.handle.submitted)
+                    self.metrics.ttft.observe(ev.time - self.arrived)
                 else:
                     self.metrics.tpot.observe(ev.time - self.last)
                 self.last = ev.time
                 self.n_out += len(ev.tokens)
             piece = self.text.push(ev.tokens, final=ev.finish is not None)
-            if self.text.stopped and ev.finish is None:
-                self.handle.cancel("stop")  # the slot is freed at the next iteration; no more text
-                self.finish = "stop"
+            if self.text.stopped:  # a stop string: the text ends before it, whatever ended the request
+                if ev.finish is None:
+                    self.handle.cancel("stop")  # the slot is freed at the next iteration; no more text
+                self.finish, self.error = "stop", None
             elif ev.finish is not None:
                 self.finish, self.error = ev.finish, ev.error
             if piece or ev.tokens:  # one chunk per generated token (its text may be held back or
@@ -84,8 +90,9 @@ def create_app(service: ChatService, metrics: Metrics | None = None) -> FastAPI:
     metrics = metrics or Metrics(service.scheduler.stats)
     app = FastAPI(title="qcache-jax", docs_url=None, redoc_url=None)
     app.state.service, app.state.metrics = service, metrics
-    # Tokenizing and opening images happen off the event loop, one at a time (HF tokenizers are
-    # not meant to be shared between threads).
+    # Tokenizing and opening images happen off the event loop, one request at a time (the chat
+    # template and processor are not meant for concurrent calls); detokenizing a few tokens per
+    # step happens on the loop (a read-only decode).
     encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="qcache-encode")
 
     @app.exception_handler(StarletteHTTPException)
@@ -107,6 +114,8 @@ def create_app(service: ChatService, metrics: Metrics | None = None) -> FastAPI:
     @app.get("/health")
     async def health():
         stats = service.scheduler.stats()
+        if not service.scheduler.alive:  # nothing would ever answer a request
+            return JSONResponse({"status": "scheduler stopped", **stats}, status_code=503)
         return {"status": "ok", **stats}
 
     @app.get("/v1/models")
@@ -121,6 +130,7 @@ def create_app(service: ChatService, metrics: Metrics | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
+        arrived = time.perf_counter()  # time to first token counts from here
         try:
             body = json.loads(await request.body())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -133,7 +143,7 @@ def create_app(service: ChatService, metrics: Metrics | None = None) -> FastAPI:
             return chat, service.encode(chat)
 
         chat, runtime_request = await loop.run_in_executor(encoder, prepare)
-        gen = _Generation(service, metrics, chat, runtime_request)
+        gen = _Generation(service, metrics, chat, runtime_request, arrived)
         cid, created = protocol.completion_id(), int(time.time())
         if chat.stream:
             return StreamingResponse(_sse(gen, cid, created), media_type="text/event-stream",
@@ -154,7 +164,7 @@ def create_app(service: ChatService, metrics: Metrics | None = None) -> FastAPI:
         if gen.error is not None:
             return JSONResponse(protocol.error_body(f"generation failed: {gen.error}", "server_error", 500),
                                 status_code=500)
-        return protocol.completion(cid, service.name, text, gen.finish, gen.prompt_tokens, gen.n_out)
+        return protocol.completion(cid, service.name, text, gen.finish, gen.prompt_tokens, gen.n_out, created=created)
 
     async def _sse(gen: _Generation, cid: str, created: int):
         def event(obj) -> str:

@@ -8,7 +8,7 @@ import base64
 import binascii
 import dataclasses
 import io
-import time
+import random
 import urllib.parse
 import uuid
 from pathlib import Path
@@ -44,7 +44,7 @@ class ChatRequest:
     max_tokens: int | None = None  # None: as many as the slot holds
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int = 0
+    seed: int = 0  # parse_chat draws a fresh one when the request gives none
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
@@ -94,7 +94,7 @@ def open_image_url(url: str):
     try:
         with Image.open(source) as im:
             return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise _bad(f"image_url: {where} is not an image PIL can read ({type(e).__name__})") from None
 
 
@@ -135,6 +135,9 @@ def parse_chat(body, *, served_model: str, max_images: int) -> ChatRequest:
             raise _bad(f"'{name}' is not supported by this server")
     if body.get("n") not in (None, 1):
         raise _bad("only n=1 is supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise _bad(f"'{name}' is not supported by this server (only 0)")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list")
@@ -171,6 +174,9 @@ def parse_chat(body, *, served_model: str, max_images: int) -> ChatRequest:
         raise _bad("'ignore_eos' must be true or false")
     if ignore_eos and max_tokens is None:
         raise _bad("'ignore_eos' needs 'max_tokens'")
+    seed = _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True)
+    if seed is None:  # a fresh seed per request, as OpenAI's API: identical prompts then differ
+        seed = random.SystemRandom().randrange(2**32)
     opts = body.get("stream_options") or {}
     if not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object")
@@ -180,7 +186,7 @@ def parse_chat(body, *, served_model: str, max_images: int) -> ChatRequest:
         max_tokens=max_tokens,
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        seed=_number(body, "seed", 0, -(2**63), 2**63 - 1, integer=True),
+        seed=seed,
         stop=stop,
         stream=stream,
         include_usage=bool(opts.get("include_usage", False)),
@@ -193,11 +199,12 @@ def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 
 
-def completion(cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def completion(cid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int, *,
+               created: int) -> dict:
     return {
         "id": cid,
         "object": "chat.completion",
-        "created": int(time.time()),
+        "created": created,
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
                      "logprobs": None}],

@@ -38,33 +38,49 @@ class ServeConfig:
 
 class TextStream:
     """Incremental detokenization: each call returns the new text since the last one, holding
-    back what could still become a stop string (or an incomplete character), and notes when a
-    stop string appears (the text ends before it)."""
+    back what could still become a stop string or is an incomplete character, and notes when a
+    stop string appears (the text ends before it).
+
+    Only a short window of ids is decoded per token (as vLLM does: the ids since the last
+    settled text, with the previous ones as context, so a tokenizer's spacing rules see their
+    neighbour), so a long answer costs linear, not quadratic, time.
+    """
 
     def __init__(self, detokenize: Callable[[list[int]], str], stop: tuple[str, ...] = ()):
         self.detokenize, self.stop = detokenize, stop
         self.ids: list[int] = []
+        self.text = ""  # the settled text so far
+        self.prefix = 0  # ids[prefix:read] decode to the end of self.text (context for the next piece)
+        self.read = 0
         self.sent = 0  # characters already given out
         self.stopped = False
 
+    def _settle(self, final: bool) -> None:
+        before = self.detokenize(self.ids[self.prefix : self.read]) or ""
+        after = self.detokenize(self.ids[self.prefix :]) or ""
+        # A character split over tokens decodes to U+FFFD (one per pending byte) until its last
+        # byte arrives: wait for it, unless nothing more will come.
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+
     def push(self, tokens: list[int], final: bool = False) -> str:
         self.ids.extend(tokens)
-        text = self.detokenize(self.ids) or ""
+        self._settle(final)
+        text = self.text
         for s in self.stop:
             at = text.find(s)
             if at >= 0:
                 text, self.stopped, final = text[:at], True, True
         end = len(text)
         if not final:
-            if text.endswith("\ufffd"):  # a character split over tokens: wait for the rest
-                end -= 1
             for s in self.stop:  # the longest tail that begins a stop string
                 for k in range(min(len(s) - 1, end), 0, -1):
                     if text[:end].endswith(s[:k]):
                         end -= k
                         break
         end = max(end, self.sent)
-        new, self.sent = text[self.sent:end], end
+        new, self.sent = text[self.sent : end], end
         return new
 
 
