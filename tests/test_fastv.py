@@ -156,3 +156,34 @@ def test_no_recompile_for_new_prompts_in_bucket(pair, rng):
     qm.logits(ids, pv, **kw)
     assert len(compiles) == before, f"recompiled: {compiles[before:]}"
     assert before > 0
+
+
+def test_cli_generate_fastv(tiny_ckpt, image_path, capsys):
+    import json
+
+    from conftest import run_cli
+    from qcache_jax import load
+
+    argv = ["generate", str(tiny_ckpt), "--prompt", "what color ?", "--image", str(image_path), "--lazy", "1-2",
+            "--mode", "gla", "--max-new-tokens", "4", "--fastv", "1:0.5"]
+    code, out, _ = run_cli(argv + ["--json"], capsys)
+    data = json.loads(out)
+    ref = load(tiny_ckpt).generate("what color ?", [image_path], lazy="1-2", mode="gla", max_new_tokens=4,
+                                   fastv_layer=1, fastv_keep=0.5)
+    assert code == 0 and data["token_ids"] == ref.token_ids[0] and data["fastv"] == "1:0.5"
+    assert data["lazy_layers"] == [1] and data["kv_cache_bytes"] == ref.kv_cache_bytes  # layer 2 cut: an anchor
+    code, out, _ = run_cli(argv, capsys)
+    assert code == 0 and "FastV 1:0.5" in out.splitlines()[-1]
+
+
+@pytest.mark.parametrize("command", ["generate", "eval", "bench", "serve"])
+@pytest.mark.parametrize("spec", ["3:0.5", "1:0", "x", "1:1.5"])
+def test_cli_bad_fastv_is_one_line(tiny_ckpt, image_path, capsys, command, spec):
+    from conftest import run_cli
+
+    extra = {"generate": ["--prompt", "hi"], "eval": ["--data", "missing.jsonl"], "bench": [], "serve": []}[command]
+    code, out, err = run_cli([command, str(tiny_ckpt), *extra, "--fastv", spec], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"qcache {command}: error:"), err
+    if command == "serve":
+        assert "--fastv" in lines[0]
