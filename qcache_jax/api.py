@@ -14,7 +14,7 @@ from flax import nnx
 
 from .errors import QCacheError
 from .images import open_image
-from .io.checkpoint import load_params, read_config
+from .io.checkpoint import load_params, read_config, read_pruned
 from .kernels import IMPLS
 from .lazy.schedule import Schedule
 from .nn.layers import LOOPS
@@ -105,6 +105,8 @@ class QCacheModel:
             check_model(config, self.mesh)
             params = shard_params(params, config, self.mesh)
         self.config, self.params, self.path = config, params, path
+        # a pruned checkpoint (`qcache prune`): layers without q_proj/k_proj weights
+        self.pruned = read_pruned(path) if path is not None else []
         self.graphdef, _ = abstract_model(config)
         # Given objects, or loaded from the checkpoint on first use: loading them imports
         # transformers (and with it torch, when installed), which a run on token ids never needs.
@@ -156,9 +158,24 @@ class QCacheModel:
         return fastv.make(layer, keep, self.num_layers)
 
     def effective_schedule(self, lazy, mode=None, fastv=None) -> Schedule:
-        """The schedule that runs: ``lazy``/``mode`` resolved, cut at FastV's layer when on."""
+        """The schedule that runs: ``lazy``/``mode`` resolved, cut at FastV's layer when on
+        (checked against a pruned checkpoint's removed weights)."""
         schedule = self.resolve_lazy(lazy, mode)
-        return schedule if fastv is None else fastv.cut(schedule)
+        return self.check_schedule(schedule if fastv is None else fastv.cut(schedule))
+
+    def check_schedule(self, schedule: Schedule) -> Schedule:
+        """``schedule`` if it runs on these weights; a pruned checkpoint lacks the q_proj/k_proj
+        of some layers, so every one of them must be a GLA lazy layer (QCacheError otherwise)."""
+        missing = sorted(set(self.pruned) - set(schedule.unused_qk_layers))
+        if missing:
+            from .lazy.schedule import format_layers
+
+            raise QCacheError(
+                f"this checkpoint was pruned (`qcache prune`): layers {format_layers(self.pruned)} have no q_proj/k_proj "
+                f"weights, but schedule {schedule.describe()} needs them in layers {format_layers(missing)}; run it "
+                f"with --lazy auto --mode gla (its recorded schedule) or a GLA schedule whose lazy layers include them"
+            )
+        return schedule
 
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None):
         """Validate HF-style inputs; returns them as numpy arrays (LLaVA-NeXT pixel values with
@@ -260,6 +277,9 @@ class QCacheModel:
         schedule = self.effective_schedule(lazy, mode, fastv)
         if fastv_kept and fastv is None:
             raise QCacheError("fastv_kept needs FastV on (fastv_layer, and fastv_keep below 1)")
+        static = None
+        if self.pruned:  # removed weights: only an unrolled pass with the schedule fixed leaves them out
+            static, loop = schedule, "unroll"
         put = jnp.asarray
         if self.mesh is not None:  # inputs replicated over the mesh (every process gives the same)
             from .runtime.mesh import put as mesh_put, replicated
@@ -271,7 +291,7 @@ class QCacheModel:
             put(ids),
             None if pv is None else jax.tree.map(put, pv),
             None if mask is None else put(mask),
-            None if schedule.is_dense else put(schedule.mask),
+            None if schedule.is_dense or static is not None else put(schedule.mask),
             mode=schedule.mode,
             loop=loop,
             impl=attention_impl,
@@ -279,6 +299,7 @@ class QCacheModel:
             fastv=fastv,
             fastv_row=None if fastv is None or fastv_row is None else put(np.asarray(fastv_row, np.int32)),
             kept=fastv_kept,
+            schedule=static,
         )
         return np.asarray(out)
 
@@ -427,7 +448,12 @@ class QCacheModel:
 
     def plan(self, prompts, n_images_per_row, opts: GenerateOptions, schedule: Schedule | None = None):
         """(engine, plan) for token-id prompts under ``opts`` (what generate compiles)."""
-        schedule = schedule or self.resolve_lazy(opts.lazy, opts.mode)  # the planner cuts it for FastV
+        fastv = self.resolve_fastv(opts.fastv_layer, opts.fastv_keep)
+        schedule = schedule or self.resolve_lazy(opts.lazy, opts.mode)
+        self.check_schedule(schedule if fastv is None else fastv.cut(schedule))  # the planner cuts it for FastV
+        if self.pruned and opts.loop != "unroll":
+            raise QCacheError("a pruned checkpoint runs with loop='unroll' only (a scanned loop stacks every "
+                              "layer's q_proj/k_proj)")
         engine = self.engine(opts.attention_impl)
         plan = engine.plan(
             prompts,
@@ -441,7 +467,7 @@ class QCacheModel:
             reuse_probs=opts.reuse_probs,
             keep_logits=opts.return_logits,
             loop=opts.loop,
-            fastv=self.resolve_fastv(opts.fastv_layer, opts.fastv_keep),
+            fastv=fastv,
         )
         return engine, plan
 

@@ -81,15 +81,19 @@ def sequence_logits(model, input_ids, pixel_values=None, attention_mask=None, la
                                     fastv=fastv, fastv_row=fastv_row))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl", "mesh", "fastv", "kept"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl", "mesh", "fastv", "kept", "schedule"))
 def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *, mode, loop, impl, mesh=None,
-              fastv=None, fastv_row=None, kept=False):
+              fastv=None, fastv_row=None, kept=False, schedule=None):
     """Jitted :func:`sequence_logits` over a parameter pytree; ``lazy`` None or a bool array [L]
     (traced: every schedule of a model shares one compilation). With a device ``mesh`` the
     attention runs per shard and the logits come out replicated. ``fastv`` (static) and
     ``fastv_row`` (traced): see :func:`hidden_states`; ``kept``: return FastV's kept visual
-    tokens [B, T] instead of the logits."""
+    tokens [B, T] instead of the logits. ``schedule``: a static :class:`Schedule` instead of
+    ``lazy`` (one compilation per schedule; with ``loop="unroll"`` a GLA lazy layer's q/k
+    projections are absent from the program, which a pruned checkpoint needs)."""
     model = nnx.merge(graphdef, params)
+    if schedule is not None:
+        lazy = schedule
     attn = LazyAttention(mode=mode, impl=impl, mesh=mesh)
     if fastv is not None and lazy is None:
         lazy = jnp.zeros((model.cfg.text.num_layers,), bool)
