@@ -14,7 +14,7 @@ from flax import nnx
 
 from .errors import QCacheError
 from .images import open_image
-from .io.checkpoint import load_params, read_config
+from .io.checkpoint import load_params, read_config, read_pruned
 from .kernels import IMPLS
 from .lazy.schedule import Schedule
 from .nn.layers import LOOPS
@@ -39,7 +39,9 @@ class GenerateOptions:
     row). ``max_context``: the longest prompt + new tokens allowed (default: the model's
     ``max_position_embeddings``; raising it runs the model past the length it was trained on).
     ``loop``: ``unroll`` (fast decode) or ``scan``. ``return_logits``: keep each generated
-    token's logits.
+    token's logits. ``fastv_layer`` K / ``fastv_keep`` R: FastV on top (None: off): after layer
+    K keep the fraction R of the visual tokens that the last prompt token attends to most
+    (``qcache_jax.lazy.fastv``; a lazy block straddling K is cut there).
     """
 
     lazy: Any = None
@@ -57,6 +59,8 @@ class GenerateOptions:
     reuse_probs: bool = True
     return_logits: bool = False
     loop: str = "unroll"
+    fastv_layer: int | None = None
+    fastv_keep: float = 0.5
 
     def __post_init__(self):
         def bad(name, want):
@@ -101,6 +105,8 @@ class QCacheModel:
             check_model(config, self.mesh)
             params = shard_params(params, config, self.mesh)
         self.config, self.params, self.path = config, params, path
+        # a pruned checkpoint (`qcache prune`): layers without q_proj/k_proj weights
+        self.pruned = read_pruned(path) if path is not None else []
         self.graphdef, _ = abstract_model(config)
         # Given objects, or loaded from the checkpoint on first use: loading them imports
         # transformers (and with it torch, when installed), which a run on token ids never needs.
@@ -154,6 +160,33 @@ class QCacheModel:
         """The :class:`Schedule` for any accepted ``lazy`` form and ``mode`` (the one resolver:
         an explicit mode wins, else the mode a schedule file records, else ``vla``)."""
         return Schedule.resolve(lazy, self.num_layers, mode=mode, ckpt_dir=self.path)
+
+    def resolve_fastv(self, layer, keep=0.5):
+        """The :class:`~qcache_jax.lazy.fastv.FastV` for ``fastv_layer`` / ``fastv_keep`` (None:
+        off, also for keep 1, which prunes nothing); bad values are a QCacheError."""
+        from .lazy import fastv
+
+        return fastv.make(layer, keep, self.num_layers)
+
+    def effective_schedule(self, lazy, mode=None, fastv=None) -> Schedule:
+        """The schedule that runs: ``lazy``/``mode`` resolved, cut at FastV's layer when on
+        (checked against a pruned checkpoint's removed weights)."""
+        schedule = self.resolve_lazy(lazy, mode)
+        return self.check_schedule(schedule if fastv is None else fastv.cut(schedule))
+
+    def check_schedule(self, schedule: Schedule) -> Schedule:
+        """``schedule`` if it runs on these weights; a pruned checkpoint lacks the q_proj/k_proj
+        of some layers, so every one of them must be a GLA lazy layer (QCacheError otherwise)."""
+        missing = sorted(set(self.pruned) - set(schedule.unused_qk_layers))
+        if missing:
+            from .lazy.schedule import format_layers
+
+            raise QCacheError(
+                f"this checkpoint was pruned (`qcache prune`): layers {format_layers(self.pruned)} have no q_proj/k_proj "
+                f"weights, but schedule {schedule.describe()} needs them in layers {format_layers(missing)}; run it "
+                f"with --lazy auto --mode gla (its recorded schedule) or a GLA schedule whose lazy layers include them"
+            )
+        return schedule
 
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None):
         """Validate HF-style inputs; returns them as numpy arrays (LLaVA-NeXT pixel values with
@@ -230,6 +263,10 @@ class QCacheModel:
         image_sizes=None,
         loop: str = "scan",
         attention_impl: str = "auto",
+        fastv_layer: int | None = None,
+        fastv_keep: float = 0.5,
+        fastv_row=None,
+        fastv_kept: bool = False,
     ):
         """Full-sequence logits [B, T, V] (float32 numpy) with HF's input conventions.
 
@@ -237,12 +274,23 @@ class QCacheModel:
         (None: the mode a schedule file records, else ``vla``). ``loop``: ``scan`` (one
         compiled layer) or ``unroll``; both compute the same numbers. LLaVA-NeXT:
         ``pixel_values`` [N, views, C, H, W] and ``image_sizes`` [N, 2], as
-        ``LlavaNextForConditionalGeneration`` takes them.
+        ``LlavaNextForConditionalGeneration`` takes them. ``fastv_layer`` / ``fastv_keep``: FastV
+        as in :class:`GenerateOptions`; the visual tokens are ranked by the attention of
+        ``fastv_row`` (a position per row, or one for all; default: each row's last valid token,
+        the last prompt token when ``input_ids`` is a prompt). The logits at dropped positions
+        are not FastV's (FastV removes those tokens; here they only stop being keys).
+        ``fastv_kept``: return which visual tokens FastV keeps, [B, T] bool, instead.
         """
         from .runtime.forward import logits_fn
 
         ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes)
-        schedule = self.resolve_lazy(lazy, mode)
+        fastv = self.resolve_fastv(fastv_layer, fastv_keep)
+        schedule = self.effective_schedule(lazy, mode, fastv)
+        if fastv_kept and fastv is None:
+            raise QCacheError("fastv_kept needs FastV on (fastv_layer, and fastv_keep below 1)")
+        static = None
+        if self.pruned:  # removed weights: only an unrolled pass with the schedule fixed leaves them out
+            static, loop = schedule, "unroll"
         put = jnp.asarray
         if self.mesh is not None:  # inputs replicated over the mesh (every process gives the same)
             from .runtime.mesh import put as mesh_put, replicated
@@ -254,11 +302,15 @@ class QCacheModel:
             put(ids),
             None if pv is None else jax.tree.map(put, pv),
             None if mask is None else put(mask),
-            None if schedule.is_dense else put(schedule.mask),
+            None if schedule.is_dense or static is not None else put(schedule.mask),
             mode=schedule.mode,
             loop=loop,
             impl=attention_impl,
             mesh=self.mesh,
+            fastv=fastv,
+            fastv_row=None if fastv is None or fastv_row is None else put(np.asarray(fastv_row, np.int32)),
+            kept=fastv_kept,
+            schedule=static,
         )
         return np.asarray(out)
 
@@ -361,7 +413,7 @@ class QCacheModel:
         Options: a :class:`GenerateOptions` and/or its fields as keywords (``lazy``, ``mode``,
         ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``raw``,
         ``eos_token_id``, ``cache_len``, ``max_context``, ``attention_impl``,
-        ``reuse_probs``, ``return_logits``, ``loop``). Rows stop on EOS, at
+        ``reuse_probs``, ``return_logits``, ``loop``, ``fastv_layer``, ``fastv_keep``). Rows stop on EOS, at
         ``max_new_tokens`` or when their cache is full. A prompt that cannot fit the model's
         context (or ``cache_len``) is an error before anything is allocated.
         """
@@ -384,6 +436,7 @@ class QCacheModel:
             lazy_layers=schedule.lazy_layers,
             mode=schedule.label,
             schedule=schedule,
+            fastv=None if out.layout.fastv is None else out.layout.fastv.describe(),
             logits=out.logits,
             detokenize=self.detokenize,
         )
@@ -406,7 +459,12 @@ class QCacheModel:
 
     def plan(self, prompts, n_images_per_row, opts: GenerateOptions, schedule: Schedule | None = None):
         """(engine, plan) for token-id prompts under ``opts`` (what generate compiles)."""
+        fastv = self.resolve_fastv(opts.fastv_layer, opts.fastv_keep)
         schedule = schedule or self.resolve_lazy(opts.lazy, opts.mode)
+        self.check_schedule(schedule if fastv is None else fastv.cut(schedule))  # the planner cuts it for FastV
+        if self.pruned and opts.loop != "unroll":
+            raise QCacheError("a pruned checkpoint runs with loop='unroll' only (a scanned loop stacks every "
+                              "layer's q_proj/k_proj)")
         engine = self.engine(opts.attention_impl)
         plan = engine.plan(
             prompts,
@@ -420,13 +478,14 @@ class QCacheModel:
             reuse_probs=opts.reuse_probs,
             keep_logits=opts.return_logits,
             loop=opts.loop,
+            fastv=fastv,
         )
         return engine, plan
 
     def _setup(self, prompt, images, input_ids, pixel_values, attention_mask, opts: GenerateOptions,
                image_sizes=None):
-        """Validate inputs; (engine, plan, prompts, pixel values, schedule)."""
-        schedule = self.resolve_lazy(opts.lazy, opts.mode)
+        """Validate inputs; (engine, plan, prompts, pixel values, schedule that runs)."""
+        schedule = self.effective_schedule(opts.lazy, opts.mode, self.resolve_fastv(opts.fastv_layer, opts.fastv_keep))
         prompts, pv, counts = self._prompts(
             prompt, images, input_ids, pixel_values, attention_mask, opts.raw, image_sizes
         )
@@ -566,6 +625,7 @@ class GenerateResult:
     lazy_layers: list
     mode: str
     schedule: Schedule | None = None
+    fastv: str | None = None  # "K:R" when FastV pruned visual tokens
     logits: list | None = None  # with return_logits: per prompt, [n_generated, V] float32
     detokenize: Callable | None = dataclasses.field(default=None, repr=False)
 

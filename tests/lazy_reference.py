@@ -18,12 +18,19 @@ def _np(t):
 
 
 def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mask=None, image_sizes=None,
-                          first_reading=False):
+                          first_reading=False, fastv=None, fastv_row=None, kept_out=None):
     """Logits [B, T, V] of the HF model with layers ``lazy`` inheriting attention (GLA or VLA).
     ``image_sizes``: for a LLaVA-NeXT model (its image-token positions, base view, tiles and
     newlines, are the visual positions). ``first_reading`` (VLA): the project's superseded
     formula, ``Q~ = where(vis, Q_b, Q_l)``, ``K~ = where(vis, K_b, K_l)``, only so that tests
-    can show they tell the two apart."""
+    can show they tell the two apart.
+
+    ``fastv=(K, R)``: FastV (Chen et al., 2024) as docs/method.md states it: after layer K the
+    row's visual tokens are ranked by layer K's attention probabilities from the selector
+    token (``fastv_row[b]``, default the last token), averaged over heads; the
+    ceil(R * n_visual) best are kept, the rest are no keys for the layers above K; layer K+1
+    is made an anchor (a lazy block straddling K is cut). ``kept_out``: a list that receives
+    the kept visual mask [B, T]."""
     cfg = hf.config.text_config
     ids = torch.tensor(input_ids)
     b, t = ids.shape
@@ -57,6 +64,9 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
         half = x.shape[-1] // 2
         return x * cos + np.concatenate([-x[..., half:], x[..., :half]], -1) * sin
 
+    lazy = list(lazy)
+    if fastv is not None and fastv[0] + 1 < len(lazy):
+        lazy[fastv[0] + 1] = False
     q_anchor = k_anchor = None
     for layer in range(cfg.num_hidden_layers):
         p = f"layers.{layer}."
@@ -84,6 +94,20 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
         s = s - s.max(-1, keepdims=True)
         pr = np.exp(s)
         pr /= pr.sum(-1, keepdims=True)
+        if fastv is not None and layer == fastv[0]:
+            vis = vis_key[:, 0, 0, :] & mask[:, -1, :]
+            rows = np.full(b, t - 1) if fastv_row is None else np.broadcast_to(fastv_row, (b,))
+            kept = np.zeros((b, t), bool)
+            for i in range(b):
+                score = pr[i, :, rows[i], :].mean(0)
+                cand = np.flatnonzero(vis[i])
+                n_keep = int(np.ceil(fastv[1] * len(cand) - 1e-9))
+                best = cand[np.argsort(-score[cand], kind="stable")[:n_keep]]
+                kept[i, best] = True
+            if kept_out is not None:
+                kept_out.append(kept)
+            dropped = vis & ~kept
+            mask = mask & ~dropped[:, None, :]  # the layers above K: dropped tokens are no keys
         o = np.einsum("bhqk,bkhd->bqhd", pr, vr).reshape(b, t, hq * d)
         h = h + lin(o, p + "self_attn.o_proj")
         x2 = rms(h, sd[p + "post_attention_layernorm.weight"])

@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 
 from ..errors import QCacheError
-from .common import HelpFormatter, add_lazy_options, positive
+from .common import HelpFormatter, add_fastv_option, add_lazy_options, fastv_options, positive
 
 
 def register(subparsers) -> None:
@@ -45,6 +45,7 @@ def register(subparsers) -> None:
                         "of some size, which is then used); None = one image (0 for a text-only model)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per row (>= 2)")
     add_lazy_options(p)
+    add_fastv_option(p)
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up call")
     p.add_argument("--threads", type=int, default=None, help="CPUs the worker is pinned to and threads it uses; None = every CPU available")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs (and of random weights)")
@@ -86,15 +87,17 @@ def run_bench(args) -> int:
     schedule = Schedule.resolve(args.lazy, cfg.text.num_layers, mode=args.mode, ckpt_dir=ckpt_dir)
     req = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "image_tokens": image_tokens,
            "new_tokens": args.new_tokens, "seed": args.seed}
+    fastv = fastv_options(args, cfg.text.num_layers)
     configs = {"dense": None}
-    if not schedule.is_dense:
-        configs[schedule.label] = schedule
+    if not schedule.is_dense or fastv:  # --fastv: the lazy (or dense) configuration with FastV on top
+        configs[schedule.label + ("+fastv" if fastv else "")] = schedule
     if args.mesh is not None:
         from ..runtime.mesh import abstract_mesh, check_model, parse_mesh
 
         check_model(cfg, abstract_mesh(*parse_mesh(args.mesh)))
     with bench.Worker("ours", model_arg, threads=threads, seed=args.seed, mesh=args.mesh) as w:
-        jobs = [bench.Job(name, w, dict(req, lazy=None if s is None else list(s.lazy), mode=None if s is None else s.mode))
+        jobs = [bench.Job(name, w, dict(req, lazy=None if s is None else list(s.lazy), mode=None if s is None else s.mode,
+                                        **(fastv if s is not None else {})))
                 for name, s in configs.items()]
         results = {k: bench.summarize(v) for k, v in bench.interleave(jobs, args.repeats).items()}
     report = bench_report(args.ckpt, results, threads=threads, image_tokens=image_tokens, prompt_tokens=args.prompt_tokens,

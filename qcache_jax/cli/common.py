@@ -30,6 +30,22 @@ def add_lazy_options(p: argparse.ArgumentParser, *, default: str = "none") -> No
                    help="lazy mode; default: the mode the schedule file records, else vla")
 
 
+def add_fastv_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fastv", metavar="K:R", default=None,
+                   help="FastV on top: after layer K (0-based) keep the fraction R in (0, 1] of the visual tokens "
+                        "the last prompt token attends to most, e.g. 2:0.5; a lazy block straddling K is cut there")
+
+
+def fastv_options(args, num_layers: int) -> dict:
+    """``fastv_layer`` / ``fastv_keep`` keywords from ``--fastv K:R`` (checked; {} without it)."""
+    if getattr(args, "fastv", None) is None:
+        return {}
+    from ..lazy.fastv import parse
+
+    f = parse(args.fastv, num_layers)
+    return {} if f is None else {"fastv_layer": f.layer, "fastv_keep": f.keep}
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress messages or bars on stderr")
 

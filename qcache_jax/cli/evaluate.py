@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_lazy_options, add_mesh_options, add_parser, add_quiet, load_model, positive, progress
+from .common import add_fastv_option, add_lazy_options, add_mesh_options, add_parser, add_quiet, fastv_options, \
+    load_model, positive, progress
 
 
 def run(args) -> int:
@@ -14,8 +15,12 @@ def run(args) -> int:
     positive("--batch-size", args.batch_size)
     positive("--limit", args.limit)
     positive("--max-new-tokens", args.max_new_tokens)
+    from ..io.checkpoint import read_config
+
+    fastv = fastv_options(args, read_config(Path(args.ckpt)).text.num_layers)  # checked before loading
     res = evaluate(load_model(args), args.data, lazy=args.lazy, mode=args.mode, batch_size=args.batch_size,
-                   max_new_tokens=args.max_new_tokens, limit=args.limit, progress=progress(args) and not args.json)
+                   max_new_tokens=args.max_new_tokens, limit=args.limit, progress=progress(args) and not args.json,
+                   **fastv)
     if args.predictions:
         Path(args.predictions).write_text("".join(json.dumps(p) + "\n" for p in res.predictions))
     print(json.dumps(res.to_json()) if args.json else format_result(res))
@@ -27,6 +32,7 @@ def register(sub) -> None:
     e.add_argument("ckpt", help="checkpoint directory")
     e.add_argument("--data", required=True, help='JSONL of {"image", "question", "answer"} (image paths relative to the file)')
     add_lazy_options(e)
+    add_fastv_option(e)
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-new-tokens", type=int, default=8)
     e.add_argument("--limit", type=int, help="score only the first N lines")

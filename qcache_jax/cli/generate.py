@@ -8,15 +8,18 @@ import time
 from pathlib import Path
 
 from ..errors import QCacheError
-from .common import add_lazy_options, add_mesh_options, add_parser, add_quiet, human_bytes, load_model
+from .common import add_fastv_option, add_lazy_options, add_mesh_options, add_parser, add_quiet, fastv_options, \
+    human_bytes, load_model
 
 
-def _stats_line(n_tokens: int, prefill_s: float, tok_s: float, kv: int, dense: int, schedule, compile_s: float) -> str:
+def _stats_line(n_tokens: int, prefill_s: float, tok_s: float, kv: int, dense: int, schedule, compile_s: float,
+                fastv: str | None = None) -> str:
     saved = 1 - kv / dense if dense else 0.0
+    pruned = f" | FastV {fastv}" if fastv else ""
     return (
         f"[{n_tokens} tokens | prefill {prefill_s * 1e3:.1f} ms | decode {tok_s:.1f} tokens/s | "
         f"KV cache {human_bytes(kv)} vs {human_bytes(dense)} dense ({100 * saved:.1f}% saved) | "
-        f"lazy layers {schedule.describe()} | compile {compile_s:.1f} s]"
+        f"lazy layers {schedule.describe()}{pruned} | compile {compile_s:.1f} s]"
     )
 
 
@@ -28,7 +31,10 @@ def run(args) -> int:
 
     if args.stream and args.json:
         raise QCacheError("--stream and --json cannot be combined (--json prints one object when generation ends)")
+    # Everything that can be checked without the weights is checked before loading them.
+    cfg = read_config(Path(args.ckpt))
     options = GenerateOptions(
+        **fastv_options(args, cfg.text.num_layers),
         lazy=args.lazy,
         mode=args.mode,
         max_new_tokens=args.max_new_tokens,
@@ -39,8 +45,6 @@ def run(args) -> int:
         raw=args.raw,
         max_context=args.max_context,
     )
-    # Everything that can be checked without the weights is checked before loading them.
-    cfg = read_config(Path(args.ckpt))
     Schedule.resolve(args.lazy, cfg.text.num_layers, mode=args.mode, ckpt_dir=args.ckpt)
     for image in args.image or []:
         open_image(image)
@@ -55,7 +59,7 @@ def run(args) -> int:
     print(res.text[0])
     print(
         _stats_line(len(res.token_ids[0]), res.prefill_seconds, res.decode_tokens_per_second, res.kv_cache_bytes,
-                    res.dense_kv_cache_bytes, res.schedule, res.compile_seconds),
+                    res.dense_kv_cache_bytes, res.schedule, res.compile_seconds, res.fastv),
         file=stats_out,
     )
     return 0
@@ -90,6 +94,7 @@ def register(sub) -> None:
     g.add_argument("--prompt", required=True, help="the user message (the chat template is applied unless --raw)")
     g.add_argument("--image", action="append", help="an image file; repeat for several (one placeholder each)")
     add_lazy_options(g)
+    add_fastv_option(g)
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--max-context", type=int, default=None,
                    help="longest prompt + new tokens allowed (default: the model's max_position_embeddings)")

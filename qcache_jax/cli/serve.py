@@ -15,6 +15,9 @@ def run(args) -> int:
     from ..lazy.schedule import Schedule
     from ..serve import server, service
 
+    if args.fastv is not None:  # the slot pool lays out one visual segment size for every layer
+        raise QCacheError("qcache serve does not support --fastv yet (the slot pool has no pruned visual segments); "
+                          "use qcache generate, eval or bench")
     if args.distributed is not None:
         raise QCacheError("qcache serve runs on one host: --distributed (multi-host) is not supported; "
                           "use --mesh over this host's devices")
@@ -51,6 +54,7 @@ def register(sub) -> None:
                                       "under a KV-cache budget)")
     p.add_argument("ckpt", help="checkpoint directory written by `qcache convert`")
     add_lazy_options(p)
+    p.add_argument("--fastv", metavar="K:R", default=None, help="not supported by serve (refused)")
     p.add_argument("--kv-budget", default="1GiB", metavar="SIZE",
                    help="memory for the KV caches of all slots (e.g. 2GiB, 512MiB): the server runs as many "
                         "sequences at once as it holds under the schedule")

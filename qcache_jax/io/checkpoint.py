@@ -6,6 +6,8 @@ Layout of a checkpoint directory::
                           parameter and layer (``language_model.layers.3.self_attn...``)
     qcache_config.json    LlavaConfig (frozen dataclasses as JSON)
     schedule.json         optional: the calibrated lazy schedule (``--lazy auto``)
+    pruned.json           optional (``qcache prune``): the layers whose q_proj/k_proj weights were
+                          removed because the schedule never uses them (GLA lazy layers)
     tokenizer*, preprocessor_config.json, chat_template.*, ...  copied from the HF model
 """
 
@@ -30,6 +32,8 @@ PARAMS_DIR = "params"
 # flight, whose callbacks print "Event loop is closed" tracebacks at random).
 PARAMS_MANIFEST = "params_files.json"
 HF_CONFIG_FILE = "hf_config.json"
+PRUNED_FILE = "pruned.json"
+PRUNED_PROJECTIONS = ("q_proj", "k_proj")
 SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -124,9 +128,44 @@ def read_config(directory: Path) -> LlavaConfig:
         raise QCacheError(f"{path}: corrupted config ({e})") from None
 
 
+def read_pruned(directory: Path) -> list[int]:
+    """The layers whose q_proj/k_proj a pruned checkpoint lacks (``pruned.json``; [] when the
+    checkpoint is not pruned)."""
+    path = Path(directory) / PRUNED_FILE
+    if not path.is_file():
+        return []
+    try:
+        return sorted(int(i) for i in json.loads(path.read_text())["layers"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise QCacheError(f"{path}: corrupted (not a JSON object with a 'layers' list)") from None
+
+
+def _projections(tree, layers):
+    """(layer dict, projection name) of every q_proj/k_proj of ``layers`` in a parameter tree."""
+    stack = tree["language_model"]["layers"]
+    return [(stack[i]["self_attn"], name) for i in layers for name in PRUNED_PROJECTIONS]
+
+
+def without_projections(tree, layers):
+    """A copy of the parameter tree without the q_proj/k_proj weights of ``layers`` (the
+    tree a pruned checkpoint saves)."""
+    tree = jax.tree.map(lambda x: x, tree)  # a new container structure; the arrays are shared
+    for attn, name in _projections(tree, layers):
+        del attn[name]
+    return tree
+
+
+def _placeholder(a):
+    """What stands in for a removed weight: the same rank and dtype, no element (a pass that
+    reaches it fails; the model refuses schedules that would, QCacheModel.check_schedule)."""
+    return jax.device_put(np.zeros(tuple(a.shape[:-1]) + (0,), a.dtype), a.sharding)
+
+
 def load_params(directory: Path, cfg: LlavaConfig, *, shardings=None):
     """Restore the parameter pytree as jax arrays (on the default device, once: numpy arrays
     would be copied to the device at every call), checked against the config's abstract tree.
+    A pruned checkpoint (``pruned.json``) is checked against that tree less its removed
+    weights, which come back as empty placeholders (:func:`_placeholder`).
 
     ``shardings``: a sharding per parameter (a pytree like the parameters, e.g.
     :func:`qcache_jax.runtime.mesh.param_shardings`): each array is restored straight into
@@ -142,6 +181,8 @@ def load_params(directory: Path, cfg: LlavaConfig, *, shardings=None):
     if not (directory / PARAMS_DIR).is_dir():
         raise QCacheError(f"{directory}: missing {PARAMS_DIR}/ (incomplete checkpoint)")
     check_params_files(directory)
+    pruned = read_pruned(directory)
+    full, abstract = abstract, without_projections(abstract, pruned) if pruned else abstract
     try:
         with _checkpointer() as ckptr:
             params = ckptr.restore(directory / PARAMS_DIR, abstract)
@@ -155,6 +196,9 @@ def load_params(directory: Path, cfg: LlavaConfig, *, shardings=None):
     ]
     if bad:
         raise QCacheError(f"{directory}: parameters do not match the config: {', '.join(bad[:10])}")
+    if pruned:
+        for (attn, name), (full_attn, _) in zip(_projections(params, pruned), _projections(full, pruned)):
+            attn[name] = jax.tree.map(_placeholder, full_attn[name])
     _return_free_memory()
     return params
 

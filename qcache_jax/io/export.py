@@ -23,7 +23,8 @@ import numpy as np
 from .._files import atomic_output_dir, current_umask
 from ..config import LlavaConfig
 from ..errors import QCacheError
-from .checkpoint import HF_CONFIG_FILE, SIDE_FILES, load_params, read_config
+from ..lazy.schedule import format_layers
+from .checkpoint import HF_CONFIG_FILE, SIDE_FILES, load_params, read_config, read_pruned
 from .hf_config import from_hf_config, to_hf_config
 from .names import export_name, key_path, param_name, to_hf
 
@@ -85,6 +86,9 @@ def export_hf(ckpt, hf_dir, *, force: bool = False) -> Path:
     if out.exists() and not force:
         raise QCacheError(f"{out} already exists (use --force to overwrite)")
     cfg = read_config(ckpt)
+    if read_pruned(ckpt):
+        raise QCacheError(f"{ckpt}: a pruned checkpoint (no q_proj/k_proj in layers "
+                          f"{format_layers(read_pruned(ckpt))}) cannot be exported: Hugging Face models need every weight")
     params = load_params(ckpt, cfg)
     hf = _hf_config(ckpt, cfg)
     tensors = hf_tensors(cfg, params)

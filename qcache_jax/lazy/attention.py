@@ -56,8 +56,10 @@ class SequencePass:
 
     ``cos``/``sin`` [B, T, D]; ``positions``, ``valid`` (key padding) and ``vis`` (image
     positions) [B, T]; ``segments`` [B, T] (optional): several sequences packed in a row after
-    a shared prefix (segment 0), each seeing only the prefix and itself. ``probe_rows`` [R]: also return every layer's attention probabilities of
-    those query rows (calibration). Prefill also gives ``img_idx`` [B, S_img] / ``txt_idx``
+    a shared prefix (segment 0), each seeing only the prefix and itself. ``probe_rows`` [R] (or
+    [B, R], per row): also return every layer's attention probabilities of those query rows
+    (calibration; FastV's ranking). ``fastv_row`` [B]: each row's selector token, whose
+    attention ranks the visual tokens when the stack prunes them (FastV; the last prompt token). Prefill also gives ``img_idx`` [B, S_img] / ``txt_idx``
     [B, T_txt]: the prompt positions of each row's image / text tokens, in order, and
     ``text_len``, the text segment's capacity: each layer then returns its new cache segments.
     """
@@ -69,6 +71,7 @@ class SequencePass:
     vis: jax.Array
     segments: jax.Array | None = None
     probe_rows: jax.Array | None = None
+    fastv_row: jax.Array | None = None
     img_idx: jax.Array | None = None
     txt_idx: jax.Array | None = None
     text_len: int = 0
@@ -111,6 +114,14 @@ def _write(cache, slot, value):
     return cache
 
 
+def _rows_of(x, rows):
+    """The query rows ``rows`` of ``x`` (queries [B, H, T, D] or per-token [B, T]): one set for
+    every row ([R]) or a set per row ([B, R])."""
+    if rows.ndim == 1:
+        return x[:, :, rows] if x.ndim == 4 else x[:, rows]
+    return jnp.take_along_axis(x, rows[:, None, :, None], axis=2) if x.ndim == 4 else jnp.take_along_axis(x, rows, 1)
+
+
 def _select(is_lazy, lazy_fn, anchor_fn, operand):
     """A static flag picks a branch in Python; a traced one runs ``lax.cond`` (one branch)."""
     if isinstance(is_lazy, (bool, np.bool_)):
@@ -130,8 +141,8 @@ def _attend_parts(parts, v, ctx: SequencePass, impl, mesh):
     if ctx.probe_rows is None:
         return out, None
     rows = ctx.probe_rows
-    probes = [reference_attention(q[:, :, rows], k, v, ctx.positions[:, rows], ctx.positions, valid,
-                                  q_seg=None if seg is None else seg[:, rows], kv_seg=seg, return_probs=True)
+    probes = [reference_attention(_rows_of(q, rows), k, v, _rows_of(ctx.positions, rows), ctx.positions, valid,
+                                  q_seg=None if seg is None else _rows_of(seg, rows), kv_seg=seg, return_probs=True)
               for q, k, valid in parts]
     if len(probes) == 1:
         return out, probes[0][2]

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from ..config import TextConfig
+from .fastv import FastV
 from .schedule import Schedule
 
 
@@ -42,10 +43,18 @@ class CacheLayout:
     image_len: int  # S_img: visual-segment capacity per row
     text_len: int  # S_txt: text-segment capacity per row (prompt text + generated tokens)
     schedule: Schedule
+    fastv: FastV | None = None  # visual tokens pruned after layer K: shorter visual segments above it
 
     def dense(self) -> "CacheLayout":
-        """The same shapes with no lazy layer (what a dense model would allocate)."""
-        return dataclasses.replace(self, schedule=Schedule.dense(self.schedule.num_layers))
+        """The same shapes with no lazy layer and no pruning (what a dense model would allocate)."""
+        return dataclasses.replace(self, schedule=Schedule.dense(self.schedule.num_layers), fastv=None)
+
+    def image_len_of(self, layer: int) -> int:
+        """Visual-segment capacity of ``layer``: ``image_len``, or with FastV above layer K
+        the kept share of it, ``fastv.kept(image_len)``."""
+        if self.fastv is not None and layer > self.fastv.layer:
+            return self.fastv.kept(self.image_len)
+        return self.image_len
 
 
 @jax.tree_util.register_dataclass
@@ -65,7 +74,8 @@ class DecodingState:
     """Everything that persists between decode steps; donated to the jitted prefill and decode.
 
     ``layers``: one :class:`LayerCache` per decoder layer. ``n_img`` / ``n_txt``: valid entries
-    per row in each segment; ``positions``: the position of each row's next token.
+    per row in each segment (with FastV, ``n_img`` is the unpruned count: the layers above K hold
+    ``fastv.kept(n_img)``, derived, not stored); ``positions``: the position of each row's next token.
     """
 
     layers: tuple[LayerCache, ...]
@@ -86,9 +96,9 @@ def init_state(layout: CacheLayout, cfg: TextConfig, dtype) -> DecodingState:
         k_img, k_txt = layout.schedule.stores_k(i)
         layers.append(
             LayerCache(
-                k_img=seg(layout.image_len) if k_img else None,
+                k_img=seg(layout.image_len_of(i)) if k_img else None,
                 k_txt=seg(layout.text_len) if k_txt else None,
-                v_img=seg(layout.image_len),
+                v_img=seg(layout.image_len_of(i)),
                 v_txt=seg(layout.text_len),
             )
         )

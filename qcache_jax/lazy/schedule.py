@@ -209,6 +209,13 @@ class Schedule:
             return True, True
         return False, self.mode == "vla"
 
+    @property
+    def unused_qk_layers(self) -> list[int]:
+        """Layers that never use their q_proj/k_proj weights under this schedule: the GLA lazy
+        layers (they attend with the anchor's queries and keys). A VLA lazy layer still needs
+        its own for the text keys, so in VLA there are none."""
+        return self.lazy_layers if self.mode == "gla" else []
+
     def hands_probs(self, layer: int) -> bool:
         """Whether ``layer`` is an anchor with a lazy block after it: in decode it hands its
         attention probabilities on, so the block's layers read only their V where they inherit

@@ -28,17 +28,20 @@ import jax.numpy as jnp
 from ..nn.layers import check_loop, layer_loop
 from .attention import DecodePass, LazyAttention, QCache, SequencePass
 from .cache import LayerCache
+from .fastv import FastV
 from .schedule import Schedule
 
 
 @dataclasses.dataclass
 class StackOutput:
     """``h``: the last layer's output; ``caches``: each layer's new cache segments (None
-    without caches); ``probes``: each layer's probe rows [B, Hq, R, T] (None without probe)."""
+    without caches); ``probes``: each layer's probe rows [B, Hq, R, T] (None without probe);
+    ``kept`` (a FastV sequence pass): the visual tokens kept above layer K [B, T]."""
 
     h: jax.Array
     caches: tuple | None
     probes: list | None
+    kept: jax.Array | None = None
 
 
 def _empty_qcache(ctx, h, cfg, caches, attn: LazyAttention) -> QCache:
@@ -82,6 +85,7 @@ def run_layers(
     cfg,
     caches: Sequence[LayerCache] | None = None,
     loop: str = "unroll",
+    fastv: FastV | None = None,
 ) -> StackOutput:
     """Run the decoder ``layers`` on hidden states ``h`` [B, T, hidden] in pass ``ctx``.
 
@@ -90,8 +94,50 @@ def run_layers(
     ``caches``: the layers' cache segments in decode, laid out for the schedule; a prefill
     pass creates them (and returns them in either case).
     ``cfg``: the :class:`~qcache_jax.config.TextConfig`. Both ``loop`` values compute the same
-    numbers.
+    numbers. ``fastv``: prune visual tokens after layer K (:mod:`qcache_jax.lazy.fastv`): the
+    layers run in two parts, 0..K and K+1.., the second on the kept visual tokens only (the
+    schedule cut at K, so no Q Cache crosses from one part to the other).
     """
+    if fastv is None:
+        return _run_part(layers, h, ctx, attn=attn, lazy=lazy, cfg=cfg, caches=caches, loop=loop)
+    k = fastv.layer + 1
+    lazy = fastv.cut(lazy)
+    below = dataclasses.replace(lazy, lazy=lazy.lazy[:k]) if isinstance(lazy, Schedule) else lazy[:k]
+    above = dataclasses.replace(lazy, lazy=lazy.lazy[k:]) if isinstance(lazy, Schedule) else lazy[k:]
+    split = (None, None) if caches is None else (caches[:k], caches[k:])
+    if isinstance(ctx, DecodePass):
+        first = _run_part(layers[:k], h, ctx, attn=attn, lazy=below, cfg=cfg, caches=split[0], loop=loop)
+        # The layers above K hold the kept visual tokens only: kept(n) of each row's n.
+        n_img = fastv.kept_counts(ctx.n_img, caches[0].v_img.shape[2])
+        ctx_above = dataclasses.replace(ctx, n_img=n_img)
+    else:
+        if ctx.probe_rows is not None or ctx.segments is not None or ctx.fastv_row is None:
+            raise ValueError("a FastV pass needs fastv_row (the selector token) and no probe rows or packing")
+        first = _run_part(layers[:k], h, dataclasses.replace(ctx, probe_rows=ctx.fastv_row[:, None]), attn=attn,
+                          lazy=below, cfg=cfg, caches=None, loop=loop)
+        # layer K's probabilities of the selector row rank the visual tokens (probe rows change
+        # neither h nor the caches a prefill makes)
+        kept = fastv.select(first.probes[-1], ctx.vis)
+        ctx_above = _pruned(ctx, kept, fastv)
+    second = _run_part(layers[k:], first.h, ctx_above, attn=attn, lazy=above, cfg=cfg, caches=split[1], loop=loop)
+    caches_out = None if first.caches is None else first.caches + second.caches
+    return StackOutput(h=second.h, caches=caches_out, probes=None, kept=None if isinstance(ctx, DecodePass) else kept)
+
+
+def _pruned(ctx: SequencePass, kept, fastv: FastV) -> SequencePass:
+    """``ctx`` for the layers above K: the dropped visual tokens are no keys (masked; their
+    positions, hence RoPE angles and the causal mask, are unchanged), and a prefill stores the
+    kept ones only, in their order (``fastv.kept(S_img)`` entries per row)."""
+    dropped = ctx.vis & ~kept
+    ctx = dataclasses.replace(ctx, valid=ctx.valid & ~dropped, vis=kept, fastv_row=None)
+    if ctx.is_prefill:
+        cap = fastv.kept(ctx.img_idx.shape[1])
+        ctx = dataclasses.replace(ctx, img_idx=jnp.argsort(~kept, axis=1, stable=True)[:, :cap])
+    return ctx
+
+
+def _run_part(layers, h, ctx, *, attn, lazy, cfg, caches=None, loop="unroll") -> StackOutput:
+    """:func:`run_layers` without FastV: the layers share one token set."""
     check_loop(loop)
     n = len(layers)
     static = isinstance(lazy, Schedule)

@@ -28,6 +28,7 @@ from flax import nnx
 from ..errors import QCacheError
 from ..lazy.attention import LazyAttention
 from ..lazy.cache import CacheLayout, DecodingState, layout_kv_bytes
+from ..lazy.fastv import FastV
 from ..lazy.schedule import Schedule
 from ..nn import anyres
 from . import forward
@@ -170,7 +171,8 @@ def _decode_loop(graphdef, plan: Plan, params, state, logits, s: Sampling, activ
         return (c.step < s.max_new) & ~jnp.all(c.done)
 
     def body(c: LoopState):
-        new_state, logits = forward.decode_step(model, plan.schedule, plan.attn, c.state, c.token, loop=plan.loop)
+        new_state, logits = forward.decode_step(model, plan.schedule, plan.attn, c.state, c.token, loop=plan.loop,
+                                                fastv=plan.layout.fastv)
         c = _emit(plan, dataclasses.replace(c, state=new_state), logits, s)
         return dataclasses.replace(c, step=c.step + 1)
 
@@ -181,7 +183,8 @@ def _stream_step(graphdef, plan: Plan, params, state, logits, key, step, s: Samp
     """One streamed step: sample from ``logits``, feed the tokens, return the next logits."""
     model = nnx.merge(graphdef, params)
     tok, key, new_done = _next_token(plan, logits, key, done, step, state, s)
-    state, logits = forward.decode_step(model, plan.schedule, plan.attn, state, tok, loop=plan.loop)
+    state, logits = forward.decode_step(model, plan.schedule, plan.attn, state, tok, loop=plan.loop,
+                                        fastv=plan.layout.fastv)
     return state, logits, key, tok, new_done
 
 
@@ -247,12 +250,15 @@ class Engine:
         reuse_probs: bool = True,
         keep_logits: bool = False,
         loop: str = "unroll",
+        fastv: FastV | None = None,
     ) -> Plan:
         """The static shapes (buckets) and options for generating ``prompts`` (token lists).
 
         Raises QCacheError before anything is allocated when the longest prompt plus
         ``max_new_tokens`` exceeds ``max_context`` (default: the model's
         ``max_position_embeddings``), or a prompt does not fit an explicit ``cache_len``.
+        ``fastv``: prune visual tokens after its layer (the schedule is cut there, and the
+        layers above it get shorter visual segments).
         """
         cfg = self.cfg
         n_prompt = max(len(p) for p in prompts)
@@ -291,7 +297,9 @@ class Engine:
             from .mesh import round_rows
 
             rows, prefill_rows = round_rows(rows, self.mesh), round_rows(prefill_rows, self.mesh)
-        layout = CacheLayout(batch=rows, image_len=image_len, text_len=text_len, schedule=schedule)
+        if fastv is not None:
+            schedule = fastv.cut(schedule)
+        layout = CacheLayout(batch=rows, image_len=image_len, text_len=text_len, schedule=schedule, fastv=fastv)
         return Plan(
             layout=layout,
             prefill_batch=prefill_rows,

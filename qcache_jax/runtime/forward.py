@@ -18,7 +18,7 @@ from ..lazy.stack import run_layers
 
 
 def _sequence_pass(model, input_ids, valid, *, positions=None, segments=None, probe_rows=None, img_idx=None,
-                   txt_idx=None, text_len=0):
+                   txt_idx=None, text_len=0, fastv_row=None):
     b, t = input_ids.shape
     if positions is None:
         positions = jnp.arange(t, dtype=jnp.int32)
@@ -34,14 +34,21 @@ def _sequence_pass(model, input_ids, valid, *, positions=None, segments=None, pr
         vis=model.is_image(input_ids) & valid,
         segments=segments,
         probe_rows=probe_rows,
+        fastv_row=fastv_row,
         img_idx=img_idx,
         txt_idx=txt_idx,
         text_len=text_len,
     )
 
 
+def last_valid(valid):
+    """Each row's last valid position [B] of a key mask [B, T] (padding on either side)."""
+    t = valid.shape[1]
+    return (t - 1 - jnp.argmax(valid[:, ::-1], axis=1)).astype(jnp.int32)
+
+
 def hidden_states(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan",
-                  positions=None, segments=None):
+                  positions=None, segments=None, fastv=None, fastv_row=None, out="h"):
     """Final hidden states [B, T, hidden] (before the final norm) of a full-sequence pass.
 
     ``lazy``: a :class:`Schedule`, a traced bool array [L] (a scanned mask; training passes
@@ -49,29 +56,52 @@ def hidden_states(model, input_ids, pixel_values=None, attention_mask=None, lazy
     ``arange(T)`` unless given ([T] or [B, T]); ``attention_mask`` masks keys, as HF's forward
     without a cache; ``segments`` ([T] or [B, T]) packs several sequences after a shared prefix
     (segment 0) into one row, each position its own sequence's (see :class:`SequencePass`).
+    ``fastv`` (:class:`~qcache_jax.lazy.fastv.FastV`): prune visual tokens after its layer,
+    ranked by the attention of ``fastv_row`` [B] (default: each row's last valid token).
+    ``out="kept"``: return FastV's kept visual tokens [B, T] bool instead.
     """
     b, t = input_ids.shape
     valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     h = model.embed(input_ids, pixel_values, loop=loop)
     if lazy is None:
         lazy = Schedule.dense(model.cfg.text.num_layers)
-    ctx = _sequence_pass(model, input_ids, valid, positions=positions, segments=segments)
-    return run_layers(model.layers, h, ctx, attn=attn, lazy=lazy, cfg=model.cfg.text, loop=loop).h
+    if fastv is not None and fastv_row is None:
+        fastv_row = last_valid(valid)
+    if fastv_row is not None:
+        fastv_row = jnp.broadcast_to(jnp.asarray(fastv_row, jnp.int32), (b,))
+    ctx = _sequence_pass(model, input_ids, valid, positions=positions, segments=segments, fastv_row=fastv_row)
+    res = run_layers(model.layers, h, ctx, attn=attn, lazy=lazy, cfg=model.cfg.text, loop=loop, fastv=fastv)
+    return res.kept if out == "kept" else res.h
 
 
-def sequence_logits(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan"):
+def sequence_logits(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan",
+                    fastv=None, fastv_row=None):
     """Full-sequence logits [B, T, V] float32 (see :func:`hidden_states`)."""
-    return model.head(hidden_states(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop))
+    return model.head(hidden_states(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop,
+                                    fastv=fastv, fastv_row=fastv_row))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl", "mesh"))
-def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *, mode, loop, impl, mesh=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl", "mesh", "fastv", "kept", "schedule"))
+def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *, mode, loop, impl, mesh=None,
+              fastv=None, fastv_row=None, kept=False, schedule=None):
     """Jitted :func:`sequence_logits` over a parameter pytree; ``lazy`` None or a bool array [L]
     (traced: every schedule of a model shares one compilation). With a device ``mesh`` the
-    attention runs per shard and the logits come out replicated."""
+    attention runs per shard and the logits come out replicated. ``fastv`` (static) and
+    ``fastv_row`` (traced): see :func:`hidden_states`; ``kept``: return FastV's kept visual
+    tokens [B, T] instead of the logits. ``schedule``: a static :class:`Schedule` instead of
+    ``lazy`` (one compilation per schedule; with ``loop="unroll"`` a GLA lazy layer's q/k
+    projections are absent from the program, which a pruned checkpoint needs)."""
     model = nnx.merge(graphdef, params)
+    if schedule is not None:
+        lazy = schedule
     attn = LazyAttention(mode=mode, impl=impl, mesh=mesh)
-    out = sequence_logits(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop)
+    if fastv is not None and lazy is None:
+        lazy = jnp.zeros((model.cfg.text.num_layers,), bool)
+    if kept:
+        return hidden_states(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop, fastv=fastv,
+                             fastv_row=fastv_row, out="kept")
+    out = sequence_logits(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop, fastv=fastv,
+                          fastv_row=fastv_row)
     if mesh is not None:
         out = jax.lax.with_sharding_constraint(out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return out
@@ -104,8 +134,10 @@ def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout,
     img_idx = jnp.pad(img_idx, ((0, 0), (0, image_len - img_idx.shape[1])))
     txt_idx = jnp.argsort(~(valid & ~is_img), axis=1, stable=True)[:, : min(t, layout.text_len)]
     h = model.embed(input_ids, pixel_values, loop=loop)
-    ctx = _sequence_pass(model, input_ids, valid, img_idx=img_idx, txt_idx=txt_idx, text_len=layout.text_len)
-    out = run_layers(model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, loop=loop)
+    ctx = _sequence_pass(model, input_ids, valid, img_idx=img_idx, txt_idx=txt_idx, text_len=layout.text_len,
+                         fastv_row=None if layout.fastv is None else (prompt_len - 1).astype(jnp.int32))
+    out = run_layers(model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, loop=loop,
+                     fastv=layout.fastv)
     rows = jnp.arange(b)
     logits = model.head(out.h[rows, prompt_len - 1])
     n_img = is_img.sum(1).astype(jnp.int32)
@@ -120,13 +152,16 @@ def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout,
     return state, rows_to(logits)
 
 
-def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingState, tokens, *, loop="unroll"):
-    """Logits [B, V] for ``tokens`` [B] fed at each row's next position; the state advanced."""
+def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingState, tokens, *, loop="unroll",
+                fastv=None):
+    """Logits [B, V] for ``tokens`` [B] fed at each row's next position; the state advanced.
+    ``fastv``: the layout's (its layers above K hold the kept visual tokens only)."""
     h = model.embed(tokens[:, None])
     cos, sin = model.rope(state.positions[:, None])
     ctx = DecodePass(cos=cos, sin=sin, n_img=state.n_img, n_txt=state.n_txt)
     out = run_layers(
-        model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, caches=state.layers, loop=loop
+        model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, caches=state.layers, loop=loop,
+        fastv=fastv,
     )
     new_state = DecodingState(
         layers=out.caches, n_img=state.n_img, n_txt=state.n_txt + 1, positions=state.positions + 1

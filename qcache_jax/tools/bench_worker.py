@@ -164,9 +164,11 @@ class OursEngine(NoEngine):
     def _plan(self, req, batch=None):
         """(schedule, options, engine, plan) of a ``run`` request (``batch`` overrides its batch)."""
         cfg = self.model.config
-        schedule = self._schedule(req)
+        fastv = self.model.resolve_fastv(req.get("fastv_layer"), req.get("fastv_keep", 0.5))
+        schedule = self.model.effective_schedule(self._schedule(req), fastv=fastv)  # cut at FastV's layer
         opts = self.model.options(lazy=schedule, mode=schedule.mode, max_new_tokens=int(req["new_tokens"]),
-                                  eos_token_id=-1)
+                                  eos_token_id=-1, fastv_layer=req.get("fastv_layer"),
+                                  fastv_keep=req.get("fastv_keep", 0.5))
         from .bench import image_size_for
 
         b = int(batch if batch is not None else req["batch"])

@@ -507,6 +507,7 @@ def calibrate(
     if threshold is None and lazy_fraction is None:
         lazy_fraction = DEFAULT_LAZY_FRACTION
     model = model_or_ckpt_dir if isinstance(model_or_ckpt_dir, QCacheModel) else load(model_or_ckpt_dir)
+    model.check_schedule(Schedule.dense(model.num_layers))  # the probe is dense: a pruned checkpoint cannot run it
     if out is None:
         if model.path is None:
             raise QCacheError("the model has no checkpoint directory; give out=PATH for the schedule")

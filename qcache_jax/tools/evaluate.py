@@ -126,10 +126,14 @@ def evaluate(
     max_new_tokens: int = 8,
     limit: int | None = None,
     progress: bool = False,
+    fastv_layer: int | None = None,
+    fastv_keep: float = 0.5,
 ) -> EvalResult:
     """Exact-match accuracy of ``model`` (a :class:`~qcache_jax.api.QCacheModel` or a checkpoint
     directory) on ``jsonl`` with the schedule ``lazy`` (any SPEC form; None = dense) in ``mode``
-    (None: the mode a schedule file records, else ``vla``).
+    (None: the mode a schedule file records, else ``vla``). ``fastv_layer`` / ``fastv_keep``:
+    FastV on top (:class:`~qcache_jax.api.GenerateOptions`); the reported schedule is the one
+    that ran (cut at FastV's layer).
 
     Greedy, batched generation of at most ``max_new_tokens`` tokens per answer; every batch is
     padded to ``batch_size`` rows so one compiled executable serves the whole file.
@@ -147,7 +151,8 @@ def evaluate(
         model = load(model)
     if model.processor is None:
         raise QCacheError(f"{model.path}: checkpoint has no image processor; it cannot answer questions about images")
-    schedule = model.resolve_lazy(lazy, mode)
+    fastv = model.resolve_fastv(fastv_layer, fastv_keep)
+    schedule = model.effective_schedule(lazy, mode, fastv)
     preds, kv, dense_kv, tokens, decode_s = [], 0, 0, 0, 0.0
     t0 = time.perf_counter()
     for i in tqdm(range(0, len(records), batch_size), desc="eval", unit="batch", disable=not progress):
@@ -158,6 +163,8 @@ def evaluate(
             [[str(r.image)] for r in rows],
             lazy=schedule,
             max_new_tokens=max_new_tokens,
+            fastv_layer=fastv_layer,
+            fastv_keep=fastv_keep,
         )
         preds.extend(res.text[: len(chunk)])
         kv, dense_kv = res.kv_cache_bytes, res.dense_kv_cache_bytes

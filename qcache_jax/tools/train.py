@@ -663,6 +663,8 @@ def tune(
     from ..api import load
 
     model = load(ckpt)
+    if model.pruned:  # the dense teacher and the scanned training pass need every weight
+        raise QCacheError(f"{ckpt}: a pruned checkpoint cannot be tuned; tune the unpruned one and prune the result")
     schedule = model.resolve_lazy(lazy, mode)
     if schedule.is_dense:
         raise QCacheError("tune needs a lazy schedule with at least one lazy layer (e.g. --lazy 2-3,5-7)")
