@@ -296,6 +296,15 @@ class QCacheModel:
             from .runtime.mesh import put as mesh_put, replicated
 
             put = functools.partial(mesh_put, sharding=replicated(self.mesh))
+        if fastv_row is not None:
+            row = np.asarray(fastv_row)
+            b, t = np.shape(ids)[:2]
+            if fastv_layer is None:
+                raise QCacheError("fastv_row is given without fastv_layer")
+            if row.ndim > 1 or (row.ndim == 1 and row.shape[0] != b) or not np.issubdtype(row.dtype, np.integer) \
+                    or row.min() < 0 or row.max() >= t:
+                raise QCacheError(f"fastv_row must be one position or one per row ({b}), each in 0..{t - 1}; "
+                                  f"got {row.tolist()}")
         out = logits_fn(
             self.graphdef,
             self.params,

@@ -187,3 +187,14 @@ def test_cli_bad_fastv_is_one_line(tiny_ckpt, image_path, capsys, command, spec)
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"qcache {command}: error:"), err
     if command == "serve":
         assert "--fastv" in lines[0]
+
+
+def test_fastv_row_is_checked(pair, rng):
+    hf, qm = pair
+    ids, pv = _inputs(hf, rng)
+    t = np.shape(ids)[1]
+    for bad, needle in ((t, "fastv_row"), (-1, "fastv_row"), ([1, 2, 3], "one per row"), (1.5, "fastv_row")):
+        with pytest.raises(QCacheError, match=needle):
+            qm.logits(ids, pv, fastv_layer=1, fastv_keep=0.5, fastv_row=bad)
+    with pytest.raises(QCacheError, match="without fastv_layer"):
+        qm.logits(ids, pv, fastv_row=0)

@@ -17,7 +17,9 @@ def run(args) -> int:
     positive("--max-new-tokens", args.max_new_tokens)
     from ..io.checkpoint import read_config
 
-    fastv = fastv_options(args, read_config(Path(args.ckpt)).text.num_layers)  # checked before loading
+    fastv = {}
+    if getattr(args, "fastv", None) is not None:  # checked before loading
+        fastv = fastv_options(args, read_config(Path(args.ckpt).expanduser()).text.num_layers)
     res = evaluate(load_model(args), args.data, lazy=args.lazy, mode=args.mode, batch_size=args.batch_size,
                    max_new_tokens=args.max_new_tokens, limit=args.limit, progress=progress(args) and not args.json,
                    **fastv)

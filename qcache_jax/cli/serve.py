@@ -34,6 +34,7 @@ def run(args) -> int:
     sock = server.bind(args.host, args.port)  # fail on a taken port before loading anything
     log = log_for(args) or (lambda msg: None)
     model = load_model(args)
+    model.check_schedule(schedule)  # a pruned checkpoint runs only schedules that leave its removed weights unused
     conf = service.ServeConfig(kv_budget=budget, max_model_len=args.max_model_len, max_images=args.max_images,
                                max_queue=args.max_queue, prefill_budget=args.prefill_budget,
                                served_name=args.served_model_name or Path(args.ckpt).resolve().name)

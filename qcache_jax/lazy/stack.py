@@ -132,7 +132,11 @@ def _pruned(ctx: SequencePass, kept, fastv: FastV) -> SequencePass:
     ctx = dataclasses.replace(ctx, valid=ctx.valid & ~dropped, vis=kept, fastv_row=None)
     if ctx.is_prefill:
         cap = fastv.kept(ctx.img_idx.shape[1])
-        ctx = dataclasses.replace(ctx, img_idx=jnp.argsort(~kept, axis=1, stable=True)[:, :cap])
+        idx = jnp.argsort(~kept, axis=1, stable=True)[:, :cap]
+        # A prompt shorter than the capacity gives fewer columns: pad, as prefill pads img_idx,
+        # so the stored arrays have the layout's shapes (decode reads only the kept entries).
+        idx = jnp.pad(idx, ((0, 0), (0, cap - idx.shape[1])))
+        ctx = dataclasses.replace(ctx, img_idx=idx)
     return ctx
 
 
