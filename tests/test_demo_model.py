@@ -75,3 +75,19 @@ def test_qcache_eval_on_an_easy_vqa_jsonl(demo_ckpt, tmp_path, capsys):
     res = json.loads(out)
     assert res["n"] == N_QUESTIONS and res["accuracy"] >= 0.85, res
     assert set(res["per_kind"]) <= {"yesno", "color", "shape"}
+
+
+def test_tower_augmentation_keeps_each_picture():
+    """The tower's augmentation (flip, shift with the edge repeated) moves a picture but keeps
+    what it shows: with no shift every image is itself or its mirror; with a shift it keeps its
+    shape and a shifted copy of its middle."""
+    rng = np.random.default_rng(0)
+    pv = rng.normal(size=(8, 3, 16, 16)).astype(np.float32)
+    flipped = S.augment(pv, np.random.default_rng(1), 0)
+    assert all(np.array_equal(f, p) or np.array_equal(f, p[..., ::-1]) for f, p in zip(flipped, pv))
+    assert any(not np.array_equal(f, p) for f, p in zip(flipped, pv))
+    moved = S.augment(pv, np.random.default_rng(1), 2)
+    assert moved.shape == pv.shape and moved.dtype == np.float32
+    for m, p in zip(moved, pv):  # the middle 12x12 of the picture (or its mirror) lies somewhere in the output
+        middle = [q[:, 2:14, 2:14] for q in (p, p[..., ::-1])]
+        assert any(np.array_equal(m[:, y : y + 12, x : x + 12], c) for c in middle for y in range(5) for x in range(5))

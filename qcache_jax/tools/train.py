@@ -536,7 +536,7 @@ def fit(
     val_acc = float("nan")
     desc = "train" if lazy is None else f"tune {tc.mode}"
     bar = tqdm(total=tc.steps, initial=start, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    t0, step_seconds = time.perf_counter(), []
     try:
         for step in range(start, end):
             t_step = time.perf_counter()
@@ -555,9 +555,12 @@ def fit(
                     log(f"{desc} step {done}/{tc.steps}: validation exact match {val_acc:.4f}")
             if mngr is not None and (done % tc.save_every == 0 or done == tc.steps or done == end):
                 mngr.save(done, args=ocp.args.StandardSave({"state": state, "opt_state": opt_state}))
+            step_seconds.append(time.perf_counter() - t_step)
             if log and not progress and (done % 10 == 0 or done == end):
+                # The ETA leaves out this call's first step, which carries the compile.
+                pace = float(np.mean(step_seconds[1:] or step_seconds))
                 log(f"{desc} step {done}/{tc.steps}: loss {np.mean(history['loss'][-10:]):.4f} "
-                    f"({time.perf_counter() - t_step:.1f} s/step)")
+                    f"({step_seconds[-1]:.1f} s/step, ETA {_duration(pace * (tc.steps - done))})")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", val_acc=f"{val_acc:.3f}", refresh=False)
     finally:
@@ -570,6 +573,12 @@ def fit(
     _, frozen_orig = split.parts(params)
     full = split.full(jax.tree.map(np.asarray, state), frozen_orig)
     return FitResult(params=full, state=state, history=history)
+
+
+def _duration(seconds: float) -> str:
+    """``1h05m`` / ``7m30s``: a progress line's ETA."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 # -- writing checkpoints -----------------------------------------------------------------------
