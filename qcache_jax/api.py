@@ -108,6 +108,17 @@ class QCacheModel:
         self.log = log
         self._engines: dict = {}
 
+    def with_params(self, params) -> "QCacheModel":
+        """The same model (config, checkpoint path, tokenizer, processor, mesh) with other
+        parameters of the same tree, shapes and dtypes (tuned ones, say). The new model builds its
+        own engines; ``self`` is unchanged."""
+        like = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), self.params)
+        got = jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), params)
+        if jax.tree.structure(like) != jax.tree.structure(got) or like != got:
+            raise QCacheError("with_params: the parameters do not match this model's tree, shapes and dtypes")
+        return QCacheModel(self.config, params, path=self.path, tokenizer=self._helpers["tokenizer"] or None,
+                           processor=self._helpers["processor"] or None, log=self.log, mesh=self.mesh)
+
     def _helper(self, kind: str):
         if self._helpers[kind] is None and self.path is not None and (kind == "tokenizer" or self.config.has_vision):
             self._helpers[kind] = _load_hf_helper(kind, self.path) or False

@@ -22,13 +22,17 @@ S = pytest.importorskip("qcache_jax.demo.smollm2_vqa")
 E = pytest.importorskip("qcache_jax.demo.easy_vqa")
 
 N_QUESTIONS = 24  # every question of the first few test images (colour, shape and yes/no)
+# the tuned lazy variants benchmarks.retention --ship writes: half of the layers lazy, and the
+# largest saving (GLA 0.7: 35% of the KV cache; VLA: every layer but the first)
+VARIANTS = ("gla-0.5", "gla-0.7", "vla-0.5", "vla-max")
 
 
 @pytest.fixture(scope="module")
 def demo_ckpt(tmp_path_factory):
     """The demo checkpoint assembled into a fresh cache (what ``make demo`` does on first use)."""
-    shipped = ["trained.safetensors", "manifest.json", "qcache_config.json", "schedule-gla-0.5.json",
-               "schedule-vla-0.5.json", "adapters-gla-0.5.safetensors"]
+    shipped = ["trained.safetensors", "manifest.json", "qcache_config.json"]
+    shipped += [f"{kind}-{v}.{ext}" for v in VARIANTS for kind, ext in
+                (("schedule", "json"), ("adapters", "json"), ("adapters", "safetensors"))]
     missing = [f for f in shipped if not (S.PARTS_DIR / f).is_file()]
     if missing:  # the demo and the notebooks use every one of them
         pytest.fail(f"the shipped parts lack {', '.join(missing)} in {S.PARTS_DIR}")
@@ -75,6 +79,21 @@ def test_qcache_eval_on_an_easy_vqa_jsonl(demo_ckpt, tmp_path, capsys):
     res = json.loads(out)
     assert res["n"] == N_QUESTIONS and res["accuracy"] >= 0.85, res
     assert set(res["per_kind"]) <= {"yesno", "color", "shape"}
+
+
+def test_qcache_eval_of_the_35_percent_variant_with_its_schedule(demo_ckpt, tmp_path, capsys):
+    """The shipped GLA variant that saves 35% of the KV cache, assembled as a checkpoint whose
+    schedule.json ``--lazy auto`` reads: it saves what the schedule says and still answers."""
+    from qcache_jax.tools.vqa import write_jsonl
+
+    ckpt = S.checkpoint("gla-0.7", log=None)
+    data = write_jsonl(tmp_path / "easy-vqa", E.to_examples(_questions(), "test"))
+    code, out, err = run_cli(["eval", str(ckpt), "--data", str(data), "--json", "--quiet", "--lazy", "auto",
+                              "--max-new-tokens", "4"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["mode"] == "gla" and len(res["lazy_layers"]) == 21 and abs(res["kv_saved_fraction"] - 0.35) < 1e-9, res
+    assert res["accuracy"] >= 0.85, res
 
 
 def test_tower_augmentation_keeps_each_picture():

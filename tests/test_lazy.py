@@ -261,3 +261,29 @@ def test_bad_images_and_tokens(lazy_pair, rng):
         qm.logits(ids + 1000, pv)
     with pytest.raises(QCacheError, match="no pixel_values"):
         qm.generate(input_ids=ids)
+
+
+def test_with_params_is_the_model_with_other_weights(lazy_pair, rng):
+    """``with_params``: the same model with other weights (HF's, perturbed the same way), the
+    original untouched; a tree of other shapes is refused."""
+    import copy
+
+    import jax
+
+    hf, qm = lazy_pair
+    ids, pv = make_inputs(hf.config, 1, 6, rng)
+    before = qm.logits(ids, pv)
+    scaled = jax.tree.map(lambda x: x * 1.01, qm.params)
+    other = qm.with_params(scaled)
+    hf_scaled = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in hf_scaled.parameters():
+            p.mul_(1.01)
+        ref = hf_scaled(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pv)).logits.numpy()
+    assert np.abs(other.logits(ids, pv) - ref).max() <= TOL
+    assert np.abs(other.logits(ids, pv) - before).max() > 10 * TOL  # it really changed
+    assert np.array_equal(qm.logits(ids, pv), before)
+    assert other.config is qm.config and other.path == qm.path
+    bad = jax.tree.map(lambda x: x[..., :1] if x.ndim else x, qm.params)
+    with pytest.raises(QCacheError, match="with_params"):
+        qm.with_params(bad)

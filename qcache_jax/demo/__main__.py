@@ -36,25 +36,28 @@ def _photo(name: str):
 
 
 def _models():
-    """{label: (model, lazy, mode)}: dense, and GLA / VLA with half of the layers lazy: the
-    tuned variants when shipped, the calibrated schedules training-free, else evenly spread
-    lazy layers training-free."""
+    """{label: (model, lazy, mode)}: dense, and every shipped tuned variant (GLA and VLA at half
+    of the layers lazy and at the largest KV saving, see RETENTION.md); for a mode with none
+    shipped, its calibrated 0.5 schedule training-free, else evenly spread lazy layers."""
     from .. import load
     from ..tools.bench import lazy_schedule
     from . import smollm2_vqa as S
 
     dense = load(S.checkpoint())
     out = {"dense": (dense, None, None)}
+    shipped = S.variants()
     for mode in ("gla", "vla"):
-        name = f"{mode}-0.5"
-        calibrated = S.PARTS_DIR / f"schedule-{name}.json"
-        if name in S.variants():
+        names = [v for v in shipped if v.startswith(mode + "-")]
+        for name in names:
             model, schedule = S.with_variant(dense, name)
-            out[f"{mode.upper()} tuned"] = (model, schedule, None)
-        elif calibrated.is_file():
-            out[f"{mode.upper()} training-free"] = (dense, calibrated, mode)
+            out[f"{name} tuned"] = (model, schedule, None)
+        if names:
+            continue
+        calibrated = S.PARTS_DIR / f"schedule-{mode}-0.5.json"
+        if calibrated.is_file():
+            out[f"{mode}-0.5 training-free"] = (dense, calibrated, mode)
         else:
-            out[f"{mode.upper()} training-free"] = (dense, lazy_schedule(dense.num_layers, 0.5, mode), None)
+            out[f"{mode}-0.5 training-free"] = (dense, lazy_schedule(dense.num_layers, 0.5, mode), None)
     return out
 
 
@@ -117,6 +120,13 @@ def _retention_table() -> None:
         acc = row["accuracy"]["all"]
         print(f"{name:<26}{acc:>9.3f}{100 * acc / dense:>9.1f}%{100 * row['kv_saved']:>9.1f}%")
     print(f"question-only baseline (no image): {r['baseline']['all']:.3f}")
+    ev = r.get("eval") or {}
+    if ev:
+        e_dense = ev["rows"]["dense"]["accuracy"]
+        print(f"qcache eval on {ev['n']} other test questions (greedy generation):")
+        for name, e in ev["rows"].items():
+            print(f"  {name:<24}{e['accuracy']:>9.3f}{100 * e['accuracy'] / e_dense:>9.1f}%"
+                  f"{100 * e['kv_saved_fraction']:>9.1f}%")
     if stale_vla:
         print(f"(its VLA rows used VLA formula {r.get('vla_formula', 1)}, this code computes formula {VLA_FORMULA} "
               "(docs/method.md): `python -m benchmarks.retention` remeasures them; the live table above has VLA now)")

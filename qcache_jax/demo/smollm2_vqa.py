@@ -33,6 +33,7 @@ from ..io.checkpoint import save_checkpoint, save_tokenizer_and_processor
 from ..io.convert import convert_params
 from ..io.gguf import GGUFSource, gguf_config, gguf_tokenizer, smollm2_gguf
 from ..io.hf_config import from_hf_config
+from ..io.names import flatten_params, unflatten_params
 from ..lazy.schedule import SCHEDULE_FILE, Schedule
 
 IMAGE_TOKEN = "<image>"
@@ -169,11 +170,8 @@ def _sha256(path: Path) -> str:
 
 
 def _flat(tree) -> dict:
-    import jax
-
-    from ..io.names import key_path
-
-    return {"/".join(key_path(kp)): np.asarray(x) for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    """``{"a/b/c": numpy leaf}``: the flat form the parts files store."""
+    return {k: np.asarray(x) for k, x in flatten_params(tree).items()}
 
 
 def save_parts(out: Path, cfg: LlavaConfig, params: dict, base: dict, *, n_top: int, info: dict) -> Path:
@@ -181,7 +179,9 @@ def save_parts(out: Path, cfg: LlavaConfig, params: dict, base: dict, *, n_top: 
     fine-tuned decoder parts, as float16 safetensors, with a manifest naming the base GGUF."""
     from safetensors.numpy import save_file
 
-    out = Path(out)
+    # resolved: in a checkout the parts folder is reached through a symlink, which the atomic
+    # replace would otherwise swap for a plain folder
+    out = Path(out).resolve()
     flat, base_flat = _flat(params), _flat({"language_model": base})
     part = trainable(cfg, n_top)
     tensors = {}
@@ -244,7 +244,7 @@ def assemble(parts: Path = PARTS_DIR, variant: str | None = None) -> tuple[Llava
     GGUF; ``variant`` adds that tuned variant's adapters (merged into the kernels)."""
     from safetensors.numpy import load_file
 
-    from ..tools.train import _unflatten, merge_adapters
+    from ..tools.train import merge_adapters
 
     parts = Path(parts)
     manifest_path = parts / "manifest.json"
@@ -267,7 +267,7 @@ def assemble(parts: Path = PARTS_DIR, variant: str | None = None) -> tuple[Llava
         flat = {k: np.asarray(v) for k, v in merge_adapters(flat, adapters).items()}
     from ..nn.llava import abstract_model
 
-    return cfg, _unflatten(flat, abstract_model(cfg)[1]), schedule
+    return cfg, unflatten_params(flat, abstract_model(cfg)[1]), schedule
 
 
 def with_variant(model, name: str, parts: Path = PARTS_DIR):
@@ -275,16 +275,13 @@ def with_variant(model, name: str, parts: Path = PARTS_DIR):
     schedule), in memory: no second checkpoint on disk."""
     import jax
 
-    from ..api import QCacheModel
-    from ..tools.train import _flatten, _unflatten, merge_adapters
+    from ..tools.train import merge_adapters
 
     schedule, adapters = _variant(parts, name, model.num_layers)
-    params = jax.device_put(_unflatten(merge_adapters(_flatten(model.params), adapters), model.params))
+    params = jax.device_put(unflatten_params(merge_adapters(flatten_params(model.params), adapters), model.params))
     # path stays the dense checkpoint's: lazy="auto" there reads its schedule.json, not this
     # variant's; pass the returned schedule instead.
-    tuned = QCacheModel(model.config, params, path=model.path, tokenizer=model.tokenizer, processor=model.processor,
-                        log=model.log, mesh=model.mesh)
-    return tuned, schedule
+    return model.with_params(params), schedule
 
 
 def cache_dir() -> Path:
@@ -467,12 +464,11 @@ def pretrain_tower(cfg: LlavaConfig, tower: dict, pixels, labels: dict, recipe: 
     from flax import nnx
 
     from ..nn.vision import VisionTower
-    from ..tools.train import _unflatten
     from . import easy_vqa as E
 
     if cache.is_file():
         data = np.load(cache)
-        return _unflatten({k: data[k] for k in data.files if not k.startswith("accuracy/")}, tower)
+        return unflatten_params({k: data[k] for k in data.files if not k.startswith("accuracy/")}, tower)
     ids, shape, color = _tower_labels(labels)
     graphdef = nnx.split(VisionTower(cfg.vision, dtype=jnp.float32, rngs=nnx.Rngs(0)))[0]
     d = cfg.vision.hidden_size

@@ -99,3 +99,19 @@ def hf_shape(shape, transform: str) -> tuple[int, ...]:
 def key_path(kp) -> tuple[str, ...]:
     """A ``jax.tree_util`` key path as a tuple of strings."""
     return tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in kp)
+
+
+def flatten_params(params) -> dict:
+    """``{"a/b/c": leaf}`` of a nested parameter tree (the paths checkpoints and adapters use)."""
+    import jax
+
+    return {"/".join(key_path(kp)): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def unflatten_params(flat: dict, like) -> dict:
+    """The nested tree of ``like`` (any tree of that structure) with the leaves of ``flat``
+    (``{"a/b/c": leaf}``); a missing path raises KeyError."""
+    import jax
+
+    kps, treedef = jax.tree_util.tree_flatten_with_path(like)
+    return jax.tree_util.tree_unflatten(treedef, [flat["/".join(key_path(kp))] for kp, _ in kps])

@@ -39,7 +39,7 @@ from .._files import atomic_output_dir
 from ..config import LlavaConfig
 from ..errors import QCacheError
 from ..io.checkpoint import HF_CONFIG_FILE, save_checkpoint, save_tokenizer_and_processor
-from ..io.names import key_path
+from ..io.names import flatten_params, unflatten_params
 from ..lazy.schedule import SCHEDULE_FILE, check_mode
 from ..nn.llava import Llava, abstract_model
 from .scoring import answer_logits, answer_stats
@@ -88,7 +88,7 @@ def init_params(cfg: LlavaConfig, seed: int = 0, *, scheme: str = "fan_in"):
             out.append(x)
             continue
         out.append((std * jax.random.normal(key, x.shape)).astype(x.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+    return jax.tree_util.treeunflatten_params(treedef, out)
 
 
 # -- which parameters train ----------------------------------------------------------------------
@@ -140,24 +140,13 @@ class Adapters:
         return out
 
     def init(self, params: dict, seed: int) -> dict:
-        flat = _flatten(params)
+        flat = flatten_params(params)
         keys = jax.random.split(jax.random.PRNGKey(seed), len(self.keys(params)))
         return {
             k: {"a": jax.random.normal(r, (flat[k].shape[0], self.rank), jnp.float32) / np.sqrt(flat[k].shape[0]),
                 "b": jnp.zeros((self.rank, flat[k].shape[1]), jnp.float32)}
             for k, r in zip(self.keys(params), keys)
         }
-
-
-def _flatten(params) -> dict:
-    """{"a/b/c": leaf} of a nested parameter dict."""
-    return {"/".join(key_path(kp)): x for kp, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-
-def _unflatten(flat: dict, like) -> dict:
-    """The nested tree of ``like`` with the leaves of ``flat``."""
-    kps, treedef = jax.tree_util.tree_flatten_with_path(like)
-    return jax.tree_util.tree_unflatten(treedef, [flat["/".join(key_path(kp))] for kp, _ in kps])
 
 
 def merge_adapters(flat: dict, adapters: dict, dtype=None) -> dict:
@@ -180,7 +169,7 @@ class Split:
     @classmethod
     def of(cls, params, trainable: Trainable) -> "Split":
         like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-        return cls(like, tuple((k, trainable.group(k)) for k in _flatten(params)), trainable.float32)
+        return cls(like, tuple((k, trainable.group(k)) for k in flatten_params(params)), trainable.float32)
 
     def __hash__(self):
         return hash(self.groups)
@@ -190,7 +179,7 @@ class Split:
 
     def parts(self, params) -> tuple[dict, dict]:
         """({path: trainable leaf}, {path: frozen leaf})."""
-        flat = _flatten(params)
+        flat = flatten_params(params)
         train = {k: flat[k] for k, g in self.groups if g is not None}
         return train, {k: flat[k] for k, g in self.groups if g is None}
 
@@ -206,7 +195,7 @@ class Split:
         flat = {**frozen, **(self.cast(state["params"], dtype) if dtype else state["params"])}
         if state.get("adapters"):
             flat = merge_adapters(flat, state["adapters"], None)
-        return _unflatten(flat, self.like)
+        return unflatten_params(flat, self.like)
 
 
 # -- batches -------------------------------------------------------------------------------------
@@ -513,7 +502,7 @@ def fit(
     teacher = None
     if tc.distill > 0:
         source = teacher_params if teacher_params is not None else params
-        teacher = _unflatten({k: jnp.asarray(v) for k, v in split.cast(_flatten(source), dtype).items()}, split.like)
+        teacher = unflatten_params({k: jnp.asarray(v) for k, v in split.cast(flatten_params(source), dtype).items()}, split.like)
     opt_state = tx.init(state)
     start, mngr = 0, None
     if work_dir is not None:
