@@ -46,6 +46,7 @@ PAPER_THROUGHPUT = 1.5  # the paper's lazy/dense throughput under a fixed KV bud
 RESULT_KEYS = ("meta", "machine", "settings", "bandwidth", "peers", "vs_hf", "lazy", "bandwidth_use", "memory",
                "kv_budget", "targets", "runs", "scaling")
 SCALING_TITLE = "## Scaling out: bytes per device on a mesh (computed, not measured)"
+SERVE_TITLE = "## Serving under a KV budget (`qcache serve`, continuous batching)"  # benchmarks/serve.py
 
 PROFILES = {
     "cpu": dict(
@@ -520,19 +521,32 @@ def render_scaling(sc) -> list[str]:
 
 
 def write_scaling(out: Path) -> None:
-    """Compute the scaling section and put it into ``out`` (replacing an earlier one; before
-    the targets when there are any), leaving the measured sections as they are."""
-    section = "\n".join(render_scaling(bench.mesh_scaling())).rstrip() + "\n"
+    """Compute the scaling section and put it into ``out``, leaving the measured sections as they are."""
+    put_section(out, SCALING_TITLE, "\n".join(render_scaling(bench.mesh_scaling())).rstrip() + "\n")
+
+
+def section(text: str, title: str) -> str | None:
+    """The section ``title`` of a markdown text (up to the next ``## ``), or None."""
+    if title not in text:
+        return None
+    rest = text.split(title, 1)[1]
+    nxt = rest.find("\n## ")
+    return title + (rest[: nxt + 1] if nxt >= 0 else rest)
+
+
+def put_section(out: Path, title: str, body: str) -> None:
+    """Put the section ``body`` (starting with ``title``) into the markdown file ``out``: in place
+    of an earlier one, else before the targets, else at the end; everything else stays."""
     text = out.read_text() if out.is_file() else "# Benchmarks\n"
-    if SCALING_TITLE in text:
-        head, rest = text.split(SCALING_TITLE, 1)
-        nxt = rest.find("\n## ")  # the next section, kept
-        text = head + section + ("\n" + rest[nxt + 1 :] if nxt >= 0 else "")
+    old = section(text, title)
+    if old is not None:
+        last = text.endswith(old)  # no section after it
+        text = text.replace(old, body.rstrip("\n") + ("\n" if last else "\n\n"), 1)
     elif "\n## Targets" in text:
         head, tail = text.split("\n## Targets", 1)
-        text = head.rstrip("\n") + "\n\n" + section + "\n## Targets" + tail
+        text = head.rstrip("\n") + "\n\n" + body + "\n## Targets" + tail
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = text.rstrip("\n") + "\n\n" + body
     out.write_text(text)
 
 
@@ -601,7 +615,10 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    kept = section(out.read_text(), SERVE_TITLE) if out.is_file() else None  # benchmarks.serve writes that one
     out.write_text(render(res))
+    if kept:
+        put_section(out, SERVE_TITLE, kept)
     log(f"wrote {out} and {results_path}")
     return 0
 

@@ -294,14 +294,32 @@ class QCacheModel:
             text = prompt
         else:
             content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-            templater = self.processor if self.processor is not None else self.tokenizer
-            if getattr(templater, "chat_template", None) is None:
-                raise QCacheError(f"{self.path}: checkpoint has no chat template; use --raw")
-            if not self.config.has_vision:
-                content = prompt  # text-only chat templates take plain string content
-            text = templater.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
+            text = self.chat_text([{"role": "user", "content": content}])
+        return self._encode_text(text, images, raw=raw)
+
+    def chat_text(self, messages: list[dict]) -> str:
+        """The prompt text of a conversation through the checkpoint's chat template, ending with
+        the assistant's turn. ``messages``: Hugging Face chat format, each ``content`` a string or
+        a list of ``{"type": "text", "text": ...}`` and ``{"type": "image"}`` parts (a text-only
+        checkpoint gets its parts' text joined: its template takes plain strings)."""
+        templater = self.processor if self.processor is not None else self.tokenizer
+        if getattr(templater, "chat_template", None) is None:
+            raise QCacheError(f"{self.path}: checkpoint has no chat template; use --raw")
+        if not self.config.has_vision:
+            messages = [{**m, "content": m["content"] if isinstance(m["content"], str) else
+                         "".join(p.get("text", "") for p in m["content"])} for m in messages]
+        return templater.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_chat(self, messages: list[dict], images=()):
+        """Like :meth:`encode` for a whole conversation (:meth:`chat_text`'s format) whose
+        ``{"type": "image"}`` parts take ``images`` in order."""
+        images = [open_image(im) for im in images]
+        if images and not self.config.has_vision:
+            raise QCacheError("this is a text-only checkpoint: it takes no images")
+        return self._encode_text(self.chat_text(messages), images, raw=False)
+
+    def _encode_text(self, text: str, images, *, raw: bool):
+        """Token ids and pixel values of a formatted prompt with its (opened) images."""
         if self.config.has_vision:
             placeholders = text.count(self._image_token_text())
             if placeholders != len(images):

@@ -383,3 +383,38 @@ def test_cli_help_renders_cleanly(capsys):
     for opt in ("--batch", "--prompt-tokens", "--image-tokens", "--new-tokens", "--lazy", "--mode", "--json",
                 "--repeats", "--threads"):
         assert opt in text
+
+
+def test_serve_benchmark_smoke(tmp_path, cache_dir):
+    """benchmarks.serve end to end on a tiny model: three real servers under one budget, the
+    section put into an existing BENCHMARKS.md (the rest kept, a second run replaces it), the
+    ratios those of the printed numbers, every requested token generated; putting another
+    section in (as benchmarks.run does when it re-renders) keeps it."""
+    from benchmarks import serve
+
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nintro\n\n## Targets\n\nthe targets\n")
+    argv = ["--profile", "smoke", "--out", str(out), "--cache-dir", str(cache_dir)]
+    assert serve.main(argv) == 0
+    md = out.read_text()
+    assert md.startswith("# Benchmarks\n\nintro\n") and md.rstrip().endswith("the targets")
+    assert md.count(serve.TITLE) == 1
+    t = section(tables(md), serve.TITLE[3:])
+    load, where = t
+    rows = {r["server"]: r for r in load}
+    assert set(rows) == {"dense", "gla-0.5", "vla-0.5", "HF generate"}
+    assert int(rows["gla-0.5"]["slots (budget)"]) > int(rows["dense"]["slots (budget)"])
+    for k in ("gla-0.5", "vla-0.5"):
+        check_ratio(rows[k]["vs dense"], rows[k]["output tok/s"], rows["dense"]["output tok/s"])
+        w = {r["server"]: r for r in where}
+        check_ratio(w[k]["vs dense"], w[k]["decode tok/s"], w["dense"]["decode tok/s"])
+    res = json.loads(out.with_suffix(".serve.json").read_text())
+    p = res["settings"]
+    for runs in res["runs"].values():
+        for r in runs:
+            assert len(r["ttft"]) == p["requests"] and r["tokens"] == sum(
+                p["min_new"] + (i * 37) % (p["max_new"] - p["min_new"] + 1) for i in range(p["requests"]))
+    assert serve.main(["--render-only"] + argv) == 0 and out.read_text() == md  # rendering is deterministic
+    kept = run.section(md, run.SERVE_TITLE)
+    run.put_section(out, "## Other", "## Other\n\nx\n")
+    assert run.section(out.read_text(), run.SERVE_TITLE) == kept

@@ -13,7 +13,7 @@ RANKS = {
     "lazy": 2,
     "runtime": 3, "io": 3,
     "api": 4, "__init__": 4,
-    "tools": 5,
+    "tools": 5, "serve": 5,
     "demo": 6,
     "cli": 7,
 }

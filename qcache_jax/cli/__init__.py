@@ -11,12 +11,12 @@ from ..errors import run_entry_point
 
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
-    from . import bench, calibrate, convert, demo_data, evaluate, export, generate, tune
+    from . import bench, calibrate, convert, demo_data, evaluate, export, generate, serve, tune
 
     p = argparse.ArgumentParser(prog="qcache", description="Lazy Attention with Q Cache for LLaVA models in JAX.")
     p.add_argument("--version", action="version", version=f"qcache-jax {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (convert, generate, calibrate, bench, evaluate, tune, export, demo_data):
+    for module in (convert, generate, serve, calibrate, bench, evaluate, tune, export, demo_data):
         module.register(sub)
     return p
 

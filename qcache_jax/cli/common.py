@@ -84,3 +84,22 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return f"{n} B"
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_size(name: str, text: str) -> int:
+    """Bytes of a size like ``2GiB``, ``512MiB``, ``1.5GB`` or ``1000000``; QCacheError naming
+    the option otherwise."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise QCacheError(f"{name}: {text!r} is not a size (e.g. 2GiB, 512MiB, 1.5GB or a number of bytes)")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1:
+        raise QCacheError(f"{name} must be > 0, got {text!r}")
+    return n
