@@ -32,6 +32,7 @@ and schedule) to the shipped parts (``checkpoints/smollm2-easyvqa``) before step
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import platform
@@ -126,6 +127,44 @@ def accuracy_plot(rows, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+class Memo:
+    """Results of finished measurements, kept in ``work/memo`` so that a rerun after an interruption
+    (or a session's end) measures only what is missing. Keyed by what determines the result: the
+    assembled checkpoint (its name carries the parts' hash), the test subset, the measurement and
+    its schedule or tuning settings. Decode speed is not kept: it is remeasured beside dense."""
+
+    def __init__(self, work: Path, scope: str):
+        self.dir, self.scope = work / "memo", scope
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, key: str, compute):
+        import hashlib
+
+        path = self.dir / (hashlib.sha256(f"{self.scope}|{key}".encode()).hexdigest()[:20] + ".json")
+        if path.is_file():
+            return json.loads(path.read_text())["value"]
+        value = compute()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": f"{self.scope}|{key}", "value": value}))
+        tmp.replace(path)
+        return value
+
+
+def divergences(path: Path, collect) -> dict:
+    """{mode: Divergence}: ``collect()``'s, kept in ``path`` (npz) and read back from it on a rerun."""
+    from qcache_jax.tools.calibrate import Divergence
+
+    if path.is_file():
+        saved = np.load(path)
+        return {m: Divergence(**{k.split("/", 1)[1]: saved[k] for k in saved.files if k.startswith(m + "/")})
+                for m in MODES}
+    div = collect()
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **{f"{m}/{f.name}": getattr(div[m], f.name) for m in MODES for f in dataclasses.fields(div[m])})
+    tmp.replace(path)
+    return div
+
+
 def parse_tune(spec: str, num_layers: int) -> list[tuple[str, float, str]]:
     """``gla:0.5,vla:max`` -> [(mode, lazy fraction, label)]; ``max``: every layer but layer 0."""
     out = []
@@ -152,7 +191,7 @@ def saving_needed(kv_saved: float, n_lazy: int, num_layers: int, image_tokens: i
                 max_saving=per_layer)
 
 
-def eval_rows(parts: Path, work: Path, questions, ckpts: dict) -> dict:
+def eval_rows(parts: Path, work: Path, questions, ckpts: dict, memo: Memo) -> dict:
     """``qcache eval --json`` (the CLI, in a subprocess) on ``questions`` for each {label:
     (checkpoint, lazy)}: the dense model as it ships, and each shipped variant with ``--lazy auto``."""
     import subprocess
@@ -164,12 +203,16 @@ def eval_rows(parts: Path, work: Path, questions, ckpts: dict) -> dict:
     for label, (ckpt, lazy) in ckpts.items():
         cmd = [sys.executable, "-m", "qcache_jax.cli", "eval", str(ckpt), "--data", str(data), "--json"]
         cmd += ["--lazy", lazy] if lazy else []
-        log(f"qcache eval {label}: {' '.join(cmd[3:])}")
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if done.returncode != 0:
-            raise RuntimeError(f"qcache eval failed for {label}: {done.stderr.strip().splitlines()[-1:]}")
-        res = json.loads(done.stdout.strip().splitlines()[-1])
-        out[label] = {k: res[k] for k in ("n", "accuracy", "per_kind", "lazy_layers", "mode", "kv_saved_fraction")}
+
+        def run():
+            log(f"qcache eval {label}: {' '.join(cmd[3:])}")
+            done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if done.returncode != 0:
+                raise RuntimeError(f"qcache eval failed for {label}: {done.stderr.strip().splitlines()[-1:]}")
+            res = json.loads(done.stdout.strip().splitlines()[-1])
+            return {k: res[k] for k in ("n", "accuracy", "per_kind", "lazy_layers", "mode", "kv_saved_fraction")}
+
+        out[label] = res = memo(f"qcache eval {Path(ckpt).name} {lazy} {len(questions)}", run)
         log(f"qcache eval {label}: {res['accuracy']:.4f}")
     return out
 
@@ -224,7 +267,9 @@ def main(argv=None) -> int:
 
     # 1. calibration profile and schedules: the training-free fractions for both modes, and the tuned points
     samples = load_samples(calibration_samples(val_qs, args.calibration_samples, work))
-    div = collect_divergences(model, samples, progress=False)
+    memo = Memo(work, f"{ckpt.name}|{args.test_images}|{args.calibration_samples}")
+    div = divergences(work / "memo" / f"divergences-{ckpt.name}-{args.calibration_samples}.npz",
+                      lambda: collect_divergences(model, samples, progress=False))
     points = {(m, f): f"{f:g}" for m in MODES for f in fractions}
     points.update({(m, f): label for m, f, label in tune})
     schedules = {(m, f): select_by_fraction(div[m].pairwise.mean(0), f, mode=m) for m, f in points}
@@ -268,13 +313,13 @@ def main(argv=None) -> int:
     rows, generation = {}, {}
     dense = Schedule.dense(L)
     dense_speed, _ = speed(dense)
-    rows["dense"] = dict(kind="dense", mode="dense", lazy_fraction=0.0, lazy_layers=[], accuracy=accuracy(params, dense),
+    rows["dense"] = dict(kind="dense", mode="dense", lazy_fraction=0.0, lazy_layers=[], accuracy=memo("accuracy dense", lambda: accuracy(params, dense)),
                          kv_saved=0.0, decode_tokens_per_second=dense_speed)
     log(f"dense: {rows['dense']['accuracy']['all']:.4f}")
-    generation["dense"] = generated(model, dense)
+    generation["dense"] = memo(f"generation dense {args.generate_questions}", lambda: generated(model, dense))
     log(f"dense, greedy generation: {generation['dense']['generated']['all']:.4f}")
     text = TEXT.read_text()
-    ppl = {"dense": perplexity(model, text)}
+    ppl = {"dense": memo("perplexity dense", lambda: perplexity(model, text))}
 
     tuned_points = {(m, f) for m, f, _ in tune}
     shipped = []
@@ -282,11 +327,13 @@ def main(argv=None) -> int:
         tok_s, kv_saved = speed(schedule)
         name = f"{mode}-{points[mode, frac]}"
         rows[f"{name} training-free"] = dict(kind="training-free", mode=mode, lazy_fraction=frac,
-                                             lazy_layers=schedule.lazy_layers, accuracy=accuracy(params, schedule),
+                                             lazy_layers=schedule.lazy_layers,
+                                             accuracy=memo(f"accuracy {schedule.to_json()}", lambda: accuracy(params, schedule)),
                                              kv_saved=kv_saved, decode_tokens_per_second=tok_s)
         log(f"{name} training-free: {rows[f'{name} training-free']['accuracy']['all']:.4f}")
         if mode == "gla":
-            ppl[f"{name} training-free"] = perplexity(model, text, lazy=schedule)
+            ppl[f"{name} training-free"] = memo(f"perplexity {schedule.to_json()}",
+                                                lambda: perplexity(model, text, lazy=schedule))
         if (mode, frac) not in tuned_points:
             continue
         # 2. lazy-aware tuning: adapters on the decoder, distillation to the dense model
@@ -301,15 +348,18 @@ def main(argv=None) -> int:
         result = fit(graphdef, params, tc, lambda s: tenc.batch(stream(s), tlay), trainable=NOTHING,
                      adapters=adapters, work_dir=work / f"tune-{name}", progress=False, log=log,
                      meta={"schedule": schedule.to_json(), "rank": args.rank, "model": ckpt.name})
+        tuned_key = f"{schedule.to_json()} {args.tune_steps} {args.rank}"
         tuned = model.with_params(jax.tree.map(lambda x, like: jax.numpy.asarray(x, like.dtype), result.params, params))
         rows[f"{name} tuned"] = dict(kind="tuned", mode=mode, lazy_fraction=frac, lazy_layers=schedule.lazy_layers,
-                                     accuracy=accuracy(tuned.params, schedule), kv_saved=kv_saved,
+                                     accuracy=memo(f"accuracy tuned {tuned_key}", lambda: accuracy(tuned.params, schedule)),
+                                     kv_saved=kv_saved,
                                      decode_tokens_per_second=tok_s, tune_steps=args.tune_steps, rank=args.rank)
         log(f"{name} tuned: {rows[f'{name} tuned']['accuracy']['all']:.4f}")
         if mode == "gla":
-            ppl[f"{name} tuned"] = perplexity(tuned, text, lazy=schedule)
+            ppl[f"{name} tuned"] = memo(f"perplexity tuned {tuned_key}", lambda: perplexity(tuned, text, lazy=schedule))
         if f"{mode}:{points[mode, frac]}" in generate_labels:
-            generation[f"{name} tuned"] = generated(tuned, schedule)
+            generation[f"{name} tuned"] = memo(f"generation tuned {tuned_key} {args.generate_questions}",
+                                               lambda: generated(tuned, schedule))
             log(f"{name} tuned, greedy generation: {generation[f'{name} tuned']['generated']['all']:.4f}")
         if args.ship:
             schedule.write(parts / f"schedule-{name}.json", calibrated_on=f"{args.calibration_samples} validation images")
@@ -331,7 +381,7 @@ def main(argv=None) -> int:
         questions = E.subsample(rest, args.eval_questions, seed=0)
         ckpts = {"dense": (ckpt, None)}
         ckpts.update({f"{v} (--lazy auto)": (S.checkpoint(v, parts=parts, log=log), "auto") for v in S.variants(parts)})
-        evals = dict(n=len(questions), images=len({e.image_id for e in questions}), rows=eval_rows(parts, work, questions, ckpts))
+        evals = dict(n=len(questions), images=len({e.image_id for e in questions}), rows=eval_rows(parts, work, questions, ckpts, memo))
 
     manifest = json.loads((parts / "manifest.json").read_text())
     results = dict(

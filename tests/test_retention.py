@@ -43,3 +43,23 @@ def test_parse_tune():
     assert retention.parse_tune("gla:0.5, vla:max", 30) == [("gla", 0.5, "0.5"), ("vla", 29 / 30, "max")]
     with pytest.raises(SystemExit, match="MODE:FRACTION"):
         retention.parse_tune("fast:0.5", 30)
+
+
+def test_memo_and_divergences_are_read_back(tmp_path):
+    import numpy as np
+
+    from qcache_jax.tools.calibrate import Divergence
+
+    calls = []
+    memo = retention.Memo(tmp_path, "ckpt-a")
+    compute = lambda: calls.append(1) or {"all": 0.5}
+    assert memo("accuracy dense", compute) == {"all": 0.5} == memo("accuracy dense", compute)
+    assert len(calls) == 1
+    assert retention.Memo(tmp_path, "ckpt-b")("accuracy dense", lambda: 7) == 7  # another checkpoint: measured
+    rng = np.random.default_rng(0)
+    made = {m: Divergence(rng.random((2, 3, 3, 4)), rng.random((2, 3, 3))) for m in retention.MODES}
+    path = tmp_path / "div.npz"
+    assert retention.divergences(path, lambda: made) is made
+    back = retention.divergences(path, lambda: pytest.fail("measured again"))
+    for m in retention.MODES:
+        assert np.array_equal(back[m].heads, made[m].heads) and np.array_equal(back[m].averaged, made[m].averaged)
