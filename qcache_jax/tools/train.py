@@ -88,7 +88,7 @@ def init_params(cfg: LlavaConfig, seed: int = 0, *, scheme: str = "fan_in"):
             out.append(x)
             continue
         out.append((std * jax.random.normal(key, x.shape)).astype(x.dtype))
-    return jax.tree_util.treeunflatten_params(treedef, out)
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # -- which parameters train ----------------------------------------------------------------------
