@@ -23,7 +23,11 @@ easy-VQA (``qcache_jax.demo.smollm2_vqa``). Everything below is measured in this
 5. perplexity on a real English text (the GPL-3 licence text, benchmarks/data/gpl-3.0.txt),
    dense vs the GLA schedules, training-free and tuned (VLA is dense on text-only input);
 6. ``qcache eval`` (the CLI) on ``--eval-questions`` test questions outside the subset: the
-   shipped dense model and each shipped tuned variant with ``--lazy auto``.
+   shipped dense model and each shipped tuned variant with ``--lazy auto``;
+7. FastV (Chen et al., 2024) alone, lazy alone and both (``--fastv`` settings; the
+   ``--fastv-lazy`` tuned variants with the first of them), teacher-forced on the first
+   ``--fastv-questions`` of the subset one question per row (FastV ranks the image tokens by
+   each question's last prompt token), with the KV cache saved and the decode speed.
 
 Tuned adapters are kept in ``--work`` and reused; ``--ship`` adds every tuned variant (adapters
 and schedule) to the shipped parts (``checkpoints/smollm2-easyvqa``) before step 6.
@@ -238,6 +242,10 @@ def main(argv=None) -> int:
     ap.add_argument("--generate-questions", type=int, default=512, help="questions of the subset generated for that")
     ap.add_argument("--eval-questions", type=int, default=400,
                     help="easy-VQA test questions outside the subset scored by `qcache eval` (0: skip)")
+    ap.add_argument("--fastv", default="2:0.5,2:0.25,8:0.25", help="FastV K:R settings measured alone (empty: no FastV rows)")
+    ap.add_argument("--fastv-lazy", default="gla:0.5,vla:0.5,gla:0.7",
+                    help="tuned variants also measured with the first --fastv setting on top")
+    ap.add_argument("--fastv-questions", type=int, default=512, help="questions of the subset the FastV rows score")
     ap.add_argument("--work", default=".retention", help="tuned adapters and caches (reused by later runs)")
     ap.add_argument("--out", default=str(ROOT / "RETENTION.md"))
     ap.add_argument("--plots", default=str(ROOT / "docs"))
@@ -288,8 +296,10 @@ def main(argv=None) -> int:
     speed_qs = subset[:8]
     paths = E.image_paths("test")
 
-    def speed(schedule):
+    def speed(schedule, fastv=None):
         kw = dict(lazy=schedule, max_new_tokens=32, eos_token_id=-1)
+        if fastv is not None:
+            kw.update(fastv_layer=fastv.layer, fastv_keep=fastv.keep)
         prompts, images = [e.question for e in speed_qs], [[paths[e.image_id]] for e in speed_qs]
         model.generate(prompts, images, **kw)
         runs = [model.generate(prompts, images, **kw) for _ in range(3)]
@@ -322,6 +332,11 @@ def main(argv=None) -> int:
     ppl = {"dense": memo("perplexity dense", lambda: perplexity(model, text))}
 
     tuned_points = {(m, f) for m, f, _ in tune}
+    from qcache_jax.lazy.fastv import parse as parse_fastv
+
+    fastv_settings = [f for f in (parse_fastv(x.strip(), L) for x in args.fastv.split(",") if x.strip()) if f is not None]
+    fastv_lazy = {x.strip() for x in args.fastv_lazy.split(",") if x.strip()} if fastv_settings else set()
+    kept_tuned = {}  # name -> (tuned model, schedule, memo key): the variants FastV is measured on top of
     shipped = []
     for (mode, frac), schedule in schedules.items():
         tok_s, kv_saved = speed(schedule)
@@ -361,6 +376,8 @@ def main(argv=None) -> int:
             generation[f"{name} tuned"] = memo(f"generation tuned {tuned_key} {args.generate_questions}",
                                                lambda: generated(tuned, schedule))
             log(f"{name} tuned, greedy generation: {generation[f'{name} tuned']['generated']['all']:.4f}")
+        if f"{mode}:{points[mode, frac]}" in fastv_lazy:
+            kept_tuned[name] = (tuned, schedule, tuned_key)
         if args.ship:
             schedule.write(parts / f"schedule-{name}.json", calibrated_on=f"{args.calibration_samples} validation images")
             S.save_adapters(parts, name, jax.tree.map(np.asarray, result.state["adapters"]), schedule,
@@ -368,6 +385,36 @@ def main(argv=None) -> int:
                              "test_exact_match": rows[f"{name} tuned"]["accuracy"]["all"]})
             shipped.append(name)
         del tuned
+
+    # 7. FastV alone, lazy alone and both, one question per row (FastV's kept set is per question)
+    fastv_rows = {}
+    if fastv_settings:
+        fv_qs = subset[: args.fastv_questions]
+        fv_groups, fv_lay = group_by_image(fv_qs, 1), enc.layout(fv_qs, 1)
+        fv_order = [e for _, qs in fv_groups for e in qs]
+
+        def fv_accuracy(p, schedule, fastv, key):
+            def run():
+                hits = packed_exact_match(graphdef, p, enc, fv_groups, fv_lay, schedule, rows=16, fastv=fastv)
+                return E.accuracy_report(fv_order, hits)
+            return memo(f"fastv accuracy {key} {schedule.to_json()} {fastv.describe() if fastv else None} {len(fv_qs)}", run)
+
+        def fv_row(label, m, lazy_sched, fastv, key, base):
+            schedule = model.effective_schedule(lazy_sched, None, fastv)
+            tok_s, kv_saved = speed(schedule, fastv)
+            fastv_rows[label] = dict(fastv=fastv.describe() if fastv else None, base=base, lazy_layers=schedule.lazy_layers,
+                                     mode=schedule.mode, accuracy=fv_accuracy(m.params, schedule, fastv, key),
+                                     kv_saved=kv_saved, decode_tokens_per_second=tok_s)
+            log(f"{label}: {fastv_rows[label]['accuracy']['all']:.4f}, KV saved {kv_saved:.3f}")
+
+        fv_row("dense", model, dense, None, "dense", None)
+        for fv in fastv_settings:
+            fv_row(f"FastV {fv.describe()}", model, dense, fv, "dense", "dense")
+        for name, (tm, schedule, key) in kept_tuned.items():
+            fv_row(f"{name} tuned", tm, schedule, None, key, None)
+            fv_row(f"{name} tuned + FastV {fastv_settings[0].describe()}", tm, schedule, fastv_settings[0], key,
+                   f"{name} tuned")
+    kept_tuned.clear()
 
     # the >= 35% point of VLA: the largest saving measured, and what it would need
     vla_max = max((r for r in rows.values() if r["mode"] == "vla"), key=lambda r: r["kv_saved"], default=None)
@@ -390,6 +437,7 @@ def main(argv=None) -> int:
         jax=jax.__version__, test_images=image_ids, n_questions=len(subset), baseline=baseline,
         profile=profile, schedules={f"{m}-{points[m, f]}": s.lazy_layers for (m, f), s in schedules.items()},
         rows=rows, perplexity=ppl, text_source=TEXT_SOURCE, generation=generation,
+        fastv=dict(n=args.fastv_questions, rows=fastv_rows) if fastv_rows else None,
         seconds=time.time() - t_start, n_top=S.Recipe().n_top, image_tokens=cfg.image_seq_length,
         vla_formula=VLA_FORMULA, vla_35=vla_need, eval=evals, shipped=shipped,
         model_recipe=manifest.get("recipe"), model_validation=manifest.get("validation_exact_match"),
@@ -500,6 +548,30 @@ def render(r: dict) -> str:
             acc = lambda kind: f"{k[kind]:.4f}" if kind in k else "-"
             lines.append(f"| {name} | {describe(e['lazy_layers'])} | {e['accuracy']:.4f} | {100 * e['accuracy'] / e_dense:.1f}% | "
                          f"{acc('yesno')} | {acc('color')} | {acc('shape')} | {_pct(e['kv_saved_fraction'])} |")
+    fv = r.get("fastv") or {}
+    if fv:
+        rows = fv["rows"]
+        f_dense = rows["dense"]["accuracy"]["all"]
+        f_speed = rows["dense"]["decode_tokens_per_second"]
+        lines += ["", "## FastV on top of Lazy Attention", "",
+                  f"FastV (Chen et al., 2024): after layer K only the fraction R of the image tokens that the last prompt "
+                  f"token attends to most (layer K, averaged over heads) is kept for the later layers, which neither attend "
+                  f"to nor store the rest. Teacher-forced on the first {fv['n']} questions of the subset, one question per row "
+                  "(each question ranks the image tokens itself, as generation does at prefill); a lazy block straddling K "
+                  "is cut there (the lazy layers column is the schedule run). KV saved and decode speed as above "
+                  "(a batch of 8, 32 new tokens, FastV on).", "",
+                  "| config | FastV K:R | lazy layers | accuracy | of dense | yes/no | colour | shape | KV saved | "
+                  "FastV's cost | decode vs dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, row in rows.items():
+            a = row["accuracy"]
+            base = rows.get(row["base"]) if row["base"] else None
+            cost = f"{100 * (base['accuracy']['all'] - a['all']) / f_dense:+.1f} pts" if base else "-"
+            lines.append(f"| {name} | {row['fastv'] or '-'} | {describe(row['lazy_layers'])} | {a['all']:.4f} | "
+                         f"{100 * a['all'] / f_dense:.1f}% | {a['yesno']:.4f} | {a['color']:.4f} | {a['shape']:.4f} | "
+                         f"{_pct(row['kv_saved'])} | {cost} | {row['decode_tokens_per_second'] / f_speed:.2f}x |")
+        lines += ["", "FastV's cost: the accuracy lost against the same configuration without FastV, in points of dense "
+                  "accuracy (negative: FastV scored higher). The paper reports FastV on top of Lazy Attention costing "
+                  "1-2% more."]
     lines += [
         "",
         f"## Perplexity on real English text\n\n{r['text_source']}.\n",

@@ -47,6 +47,8 @@ RESULT_KEYS = ("meta", "machine", "settings", "bandwidth", "peers", "vs_hf", "la
                "kv_budget", "targets", "runs", "scaling")
 SCALING_TITLE = "## Scaling out: bytes per device on a mesh (computed, not measured)"
 SERVE_TITLE = "## Serving under a KV budget (`qcache serve`, continuous batching)"  # benchmarks/serve.py
+FASTV_TITLE = "## FastV and pruned checkpoints (the real-weights demo model)"  # benchmarks/fastv.py
+OWN_SECTIONS = (SERVE_TITLE, FASTV_TITLE)  # written by their own scripts; a run here keeps them
 
 PROFILES = {
     "cpu": dict(
@@ -615,10 +617,12 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     results_path.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    kept = section(out.read_text(), SERVE_TITLE) if out.is_file() else None  # benchmarks.serve writes that one
+    old = out.read_text() if out.is_file() else ""
+    kept = {t: section(old, t) for t in OWN_SECTIONS}
     out.write_text(render(res))
-    if kept:
-        put_section(out, SERVE_TITLE, kept)
+    for title, body in kept.items():
+        if body:
+            put_section(out, title, body)
     log(f"wrote {out} and {results_path}")
     return 0
 

@@ -114,6 +114,12 @@ def test_eval_on_tiny_jsonl(tiny_ckpt, eval_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["n"] == 10 and out["lazy_layers"] == [1, 2, 3] and out["mode"] == "gla" and 0 <= out["accuracy"] <= 1
     assert out["kv_cache_bytes"] < out["dense_kv_cache_bytes"]
+    assert out["fastv"] is None
+    # FastV on top is recorded with the result; the lazy block straddling its layer is cut there
+    assert _cli(["eval", str(tiny_ckpt), "--data", str(own), "--lazy", "1-3", "--mode", "gla", "--batch-size", "4",
+                 "--max-new-tokens", "3", "--json", "--fastv", "1:0.5"]) == 0
+    fv = json.loads(capsys.readouterr().out)
+    assert fv["fastv"] == "1:0.5" and fv["lazy_layers"] == [1, 3] and fv["kv_cache_bytes"] != out["kv_cache_bytes"]
 
 
 @pytest.mark.parametrize(

@@ -103,6 +103,7 @@ class EvalResult:
     decode_tokens_per_second: float
     seconds: float
     predictions: list = dataclasses.field(repr=False, default_factory=list)
+    fastv: str | None = None  # "K:R" when FastV pruned visual tokens
 
     @property
     def kv_saved_fraction(self) -> float:
@@ -191,6 +192,7 @@ def evaluate(
         dense_kv_cache_bytes=dense_kv,
         decode_tokens_per_second=tokens / decode_s if decode_s > 0 else 0.0,
         seconds=seconds,
+        fastv=fastv.describe() if fastv is not None else None,
         predictions=[
             {"question": r.question, "answer": r.answer, "prediction": p, "correct": h}
             for r, p, h in zip(records, preds, hits)
@@ -202,7 +204,7 @@ def format_result(res: EvalResult, label: str = "") -> str:
     """The one-paragraph human summary ``qcache eval`` prints (accuracy, per kind, KV, speed)."""
     yn = f", yes/no {res.yes_no_accuracy:.3f} ({res.yes_no_n})" if res.yes_no_accuracy is not None else ""
     kinds = ", ".join(f"{k} {v:.3f}" for k, v in res.per_kind.items())
-    lazy = format_layers(res.lazy_layers) + f" ({res.mode})"
+    lazy = format_layers(res.lazy_layers) + f" ({res.mode})" + (f" | FastV {res.fastv}" if res.fastv else "")
     return (
         f"{label}accuracy {res.accuracy:.4f} ({res.correct}/{res.n}){yn}"
         + (f" [{kinds}]" if kinds else "")
@@ -214,18 +216,24 @@ def format_result(res: EvalResult, label: str = "") -> str:
 
 
 def packed_exact_match(graphdef, params, encoder, groups, layout, schedule, *, rows: int = 32,
-                       progress: bool = False) -> list[bool]:
+                       progress: bool = False, fastv=None) -> list[bool]:
     """Exact match of every question in ``groups`` (image, questions) with ``schedule`` (a
     :class:`~qcache_jax.lazy.schedule.Schedule`): one full-sequence pass per packed batch of
     ``rows`` images, the head only at the scored positions. Teacher-forced exact match (every
     answer token and the EOS are the argmax) is what greedy generation answers; tests check
-    both agree. Returns one bool per question, in ``groups`` order."""
+    both agree. Returns one bool per question, in ``groups`` order.
+
+    ``fastv`` (:class:`~qcache_jax.lazy.fastv.FastV`): FastV on top; it needs one question per
+    row (``layout.slots == 1``) and ``schedule`` already cut at its layer
+    (``QCacheModel.effective_schedule``)."""
     import jax.numpy as jnp
     import numpy as np
     from tqdm.auto import tqdm
 
+    if fastv is not None and (layout.slots != 1 or fastv.cut(schedule) != schedule):
+        raise QCacheError("FastV scoring needs one question per row and a schedule cut at its layer")
     lazy = None if schedule.is_dense else jnp.asarray(schedule.mask)
-    step = _packed_eval_step(graphdef, schedule.mode)
+    step = _packed_eval_step(graphdef, schedule.mode, fastv)
     hits = []
     for i in tqdm(range(0, len(groups), rows), desc="eval", unit="batch", disable=not progress):
         chunk = list(groups[i : i + rows])
@@ -238,15 +246,15 @@ def packed_exact_match(graphdef, params, encoder, groups, layout, schedule, *, r
     return hits
 
 
-@functools.lru_cache(maxsize=4)
-def _packed_eval_step(graphdef, mode: str):
+@functools.lru_cache(maxsize=8)
+def _packed_eval_step(graphdef, mode: str, fastv=None):
     import jax
 
     from .scoring import answer_logits, answer_stats
 
     @jax.jit
     def step(params, batch, lazy):
-        return answer_stats(answer_logits(graphdef, params, batch, lazy, mode=mode, impl="xla"), batch)[1]
+        return answer_stats(answer_logits(graphdef, params, batch, lazy, mode=mode, impl="xla", fastv=fastv), batch)[1]
 
     return step
 

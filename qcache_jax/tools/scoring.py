@@ -12,15 +12,27 @@ from ..lazy.attention import LazyAttention
 from ..runtime.forward import hidden_states
 
 
-def answer_logits(graphdef, params, batch: dict, lazy, *, mode: str, impl: str, loop: str = "scan"):
+def answer_logits(graphdef, params, batch: dict, lazy, *, mode: str, impl: str, loop: str = "scan", fastv=None):
     """Float32 logits [R, slots, A, V] at the scored positions ``batch["ans_pos"]`` [R, slots,
-    A], from one pass of the model (packed rows: ``positions`` / ``segments``)."""
+    A], from one pass of the model (packed rows: ``positions`` / ``segments``).
+
+    ``fastv`` (:class:`~qcache_jax.lazy.fastv.FastV`, one question per row): visual tokens
+    ranked by the last prompt token, the position that predicts the first answer token, as
+    generation ranks them at prefill."""
     model = nnx.merge(graphdef, params)
     ids = batch["input_ids"]
+    positions, segments, fastv_row = batch.get("positions"), batch.get("segments"), None
+    if fastv is not None:
+        if batch["ans_pos"].shape[1] != 1:
+            raise ValueError("FastV scoring needs one question per row (slots=1): its kept set is per question")
+        fastv_row = batch["ans_pos"][:, 0, 0]
+        # One slot: the row is the question's own sequence (positions 0..T-1, the suffix sees the
+        # prefix and itself), so it runs unpacked, as a FastV pass must.
+        positions = segments = None
     h = hidden_states(
         model, ids, batch["pixel_values"], batch.get("attention_mask"), lazy,
         attn=LazyAttention(mode=mode, impl=impl), loop=loop,
-        positions=batch.get("positions"), segments=batch.get("segments"),
+        positions=positions, segments=segments, fastv=fastv, fastv_row=fastv_row,
     )
     pos = batch["ans_pos"]
     hs = jnp.take_along_axis(h, pos.reshape(ids.shape[0], -1)[..., None], axis=1)
