@@ -26,7 +26,6 @@ checkpoints" of BENCHMARKS.md, replacing an earlier one (``benchmarks.run`` keep
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.run import FASTV_TITLE as TITLE, put_section, table  # noqa: E402
+from benchmarks.run import FASTV_TITLE as TITLE, add_section_options, run_section, table  # noqa: E402
 from qcache_jax.errors import QCacheError, run_entry_point  # noqa: E402
 from qcache_jax.lazy.schedule import format_layers  # noqa: E402
 from qcache_jax.tools import bench  # noqa: E402
@@ -224,32 +223,11 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--out", default=None, help="markdown to put the section into (default: BENCHMARKS.md)")
-    ap.add_argument("--results", default=None, help="raw results (default: benchmarks/fastv.json, or beside --out)")
-    ap.add_argument("--render-only", action="store_true", help="measure nothing: render --results into --out")
+    add_section_options(ap, "fastv")
     args = ap.parse_args(argv)
-    out = Path(args.out) if args.out else ROOT / "BENCHMARKS.md"
-    results = Path(args.results) if args.results else (
-        out.with_suffix(".fastv.json") if args.out else ROOT / "benchmarks" / "fastv.json")
-    if args.render_only:
-        if not results.is_file():
-            raise QCacheError(f"{results}: no results to render (run without --render-only first)")
-        put_section(out, TITLE, render(json.loads(results.read_text())))
-        return 0
     if args.rounds < 1 or args.batch < 1 or args.new_tokens < 2:
-        raise SystemExit("benchmarks.fastv: --rounds and --batch must be >= 1 and --new-tokens >= 2")
-    t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    res = measure(args, log)
-    res["elapsed_seconds"] = time.perf_counter() - t0
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    put_section(out, TITLE, render(res))
-    log(f"wrote {out} and {results}")
-    return 0
+        raise QCacheError("--rounds and --batch must be >= 1 and --new-tokens >= 2")
+    return run_section(args, "fastv", TITLE, render, lambda log: measure(args, log))
 
 
 if __name__ == "__main__":

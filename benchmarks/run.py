@@ -26,6 +26,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -550,6 +551,39 @@ def put_section(out: Path, title: str, body: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + body
     out.write_text(text)
+
+
+def add_section_options(ap: argparse.ArgumentParser, name: str) -> None:
+    """--out / --results / --render-only of a script that writes one section of BENCHMARKS.md."""
+    ap.add_argument("--out", default=None, help="markdown to put the section into (default: BENCHMARKS.md)")
+    ap.add_argument("--results", default=None, help=f"raw results (default: benchmarks/{name}.json, or beside --out)")
+    ap.add_argument("--render-only", action="store_true", help="measure nothing: render --results into --out")
+
+
+def run_section(args, name: str, title: str, render: Callable[[dict], str], measure: Callable) -> int:
+    """Measure (``measure(log)`` -> results), write the results JSON and put ``render(results)``
+    into BENCHMARKS.md (or ``--out``) as the section ``title``; with ``--render-only``, render
+    the saved results only. For benchmarks.serve and benchmarks.fastv."""
+    out = Path(args.out) if args.out else ROOT / "BENCHMARKS.md"
+    results = Path(args.results) if args.results else (
+        out.with_suffix(f".{name}.json") if args.out else ROOT / "benchmarks" / f"{name}.json")
+    if args.render_only:
+        if not results.is_file():
+            raise QCacheError(f"{results}: no results to render (run without --render-only first)")
+        put_section(out, title, render(json.loads(results.read_text())))
+        return 0
+    t0 = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    res = measure(log)
+    res["elapsed_seconds"] = time.perf_counter() - t0
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    put_section(out, title, render(res))
+    log(f"wrote {out} and {results}")
+    return 0
 
 
 def main(argv=None) -> int:

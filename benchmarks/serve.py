@@ -46,7 +46,7 @@ from qcache_jax.errors import QCacheError, run_entry_point  # noqa: E402
 from qcache_jax.tools import bench  # noqa: E402
 
 MIB = 2**20
-from benchmarks.run import SERVE_TITLE as TITLE, put_section, table  # noqa: E402
+from benchmarks.run import SERVE_TITLE as TITLE, add_section_options, run_section, table  # noqa: E402
 GOAL = 1.3  # the issue's: lazy >= 1.3x dense tokens/s at equal or better p99 per-token time
 PAPER = 1.5
 NAME = "bench"
@@ -409,32 +409,12 @@ def render(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
-    ap.add_argument("--out", default=None, help="markdown to put the section into (default: BENCHMARKS.md)")
-    ap.add_argument("--results", default=None, help="raw results (default: benchmarks/serve.json, or beside --out)")
     ap.add_argument("--cache-dir", default=None, help="models and server logs (default ~/.cache/qcache-jax/bench)")
-    ap.add_argument("--render-only", action="store_true", help="measure nothing: render --results into --out")
+    add_section_options(ap, "serve")
     args = ap.parse_args(argv)
     p = dict(PROFILES[args.profile])
-    out = Path(args.out) if args.out else ROOT / "BENCHMARKS.md"
-    results = Path(args.results) if args.results else (
-        out.with_suffix(".serve.json") if args.out else ROOT / "benchmarks" / "serve.json")
-    if args.render_only:
-        if not results.is_file():
-            raise QCacheError(f"{results}: no results to render (run without --render-only first)")
-        put_section(out, TITLE, render(json.loads(results.read_text())))
-        return 0
-    t0 = time.perf_counter()
-
-    def log(msg):
-        print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-    res = measure(p, args.profile, log, bench.cache_root(args.cache_dir))
-    res["elapsed_seconds"] = time.perf_counter() - t0
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(res, indent=1, default=str) + "\n")
-    put_section(out, TITLE, render(res))
-    log(f"wrote {out} and {results}")
-    return 0
+    return run_section(args, "serve", TITLE, render,
+                       lambda log: measure(p, args.profile, log, bench.cache_root(args.cache_dir)))
 
 
 if __name__ == "__main__":

@@ -171,12 +171,22 @@ class QCacheModel:
     def effective_schedule(self, lazy, mode=None, fastv=None) -> Schedule:
         """The schedule that runs: ``lazy``/``mode`` resolved, cut at FastV's layer when on
         (checked against a pruned checkpoint's removed weights)."""
-        schedule = self.resolve_lazy(lazy, mode)
-        return self.check_schedule(schedule if fastv is None else fastv.cut(schedule))
+        return self.check_schedule(self.resolve_lazy(lazy, mode), fastv)
 
-    def check_schedule(self, schedule: Schedule) -> Schedule:
+    def check_schedule(self, schedule: Schedule, fastv=None) -> Schedule:
         """``schedule`` if it runs on these weights; a pruned checkpoint lacks the q_proj/k_proj
-        of some layers, so every one of them must be a GLA lazy layer (QCacheError otherwise)."""
+        of some layers, so every one of them must be a GLA lazy layer (QCacheError otherwise).
+        With ``fastv`` the schedule that runs is the one cut at its layer (returned)."""
+        if fastv is not None:
+            self.check_schedule(schedule)
+            cut = fastv.cut(schedule)
+            if fastv.layer + 1 in set(self.pruned) - set(cut.unused_qk_layers):
+                raise QCacheError(
+                    f"FastV {fastv.describe()} makes layer {fastv.layer + 1} an anchor (no lazy block may straddle "
+                    f"its layer), but this pruned checkpoint has no q_proj/k_proj there; choose a FastV layer K "
+                    f"whose layer K+1 is an anchor of the schedule ({schedule.describe()})"
+                )
+            return self.check_schedule(cut)
         missing = sorted(set(self.pruned) - set(schedule.unused_qk_layers))
         if missing:
             from .lazy.schedule import format_layers
@@ -470,7 +480,7 @@ class QCacheModel:
         """(engine, plan) for token-id prompts under ``opts`` (what generate compiles)."""
         fastv = self.resolve_fastv(opts.fastv_layer, opts.fastv_keep)
         schedule = schedule or self.resolve_lazy(opts.lazy, opts.mode)
-        self.check_schedule(schedule if fastv is None else fastv.cut(schedule))  # the planner cuts it for FastV
+        self.check_schedule(schedule, fastv)  # the planner cuts it for FastV
         if self.pruned and opts.loop != "unroll":
             raise QCacheError("a pruned checkpoint runs with loop='unroll' only (a scanned loop stacks every "
                               "layer's q_proj/k_proj)")

@@ -418,3 +418,47 @@ def test_serve_benchmark_smoke(tmp_path, cache_dir):
     kept = run.section(md, run.SERVE_TITLE)
     run.put_section(out, "## Other", "## Other\n\nx\n")
     assert run.section(out.read_text(), run.SERVE_TITLE) == kept
+
+
+def test_fastv_section_renders_the_ratios_of_its_numbers(tmp_path):
+    """benchmarks.fastv's section from a results file (--render-only): every ratio is the ratio of
+    the printed numbers, the pruned checkpoint's savings are computed, and benchmarks.run keeps
+    the section when it re-renders BENCHMARKS.md."""
+    from benchmarks import fastv
+
+    def row(lazy, fv, kv, dense_kv, step, tok_s):
+        return dict(lazy_layers=lazy, mode="gla" if lazy else "dense", fastv=fv, kv_cache_bytes=kv,
+                    dense_kv_cache_bytes=dense_kv, step_bytes={"bytes": step}, decode_tokens_per_second=tok_s,
+                    prefill_seconds=0.5, per_round=[tok_s])
+
+    mib = 2**20
+    rows = {"dense": row([], None, 10 * mib, 10 * mib, 500 * mib, 30.0),
+            "FastV 2:0.5": row([], "2:0.5", 7 * mib, 10 * mib, 497 * mib, 31.5),
+            "gla-0.7": row([2, 4], None, 6.5 * mib, 10 * mib, 480 * mib, 33.0),
+            "gla-0.7 (unroll)": row([2, 4], None, 6.5 * mib, 10 * mib, 480 * mib, 32.0),
+            "gla-0.7 pruned (unroll)": row([2, 4], None, 6.5 * mib, 10 * mib, 480 * mib, 32.8)}
+    res = dict(date="2026-12-07", git={"commit": "abcdef0"}, machine={"cpu": "cpu"}, jax="0", num_layers=30, batch=8,
+               new_tokens=64, rounds=5, image_tokens=64, bandwidth_gbps=[35.0, 34.0], rows=rows,
+               prune=dict(variant="gla-0.7", schedule="2,4 (gla)", layers=[2, 4],
+                          checkpoint_bytes={"unpruned": 1000, "pruned": 900}, load_seconds={"unpruned": 2.0, "pruned": 1.5},
+                          param_bytes={"unpruned": 2000, "pruned": 1700}, same_tokens=True))
+    results, out = tmp_path / "f.json", tmp_path / "B.md"
+    results.write_text(json.dumps(res))
+    out.write_text("# Benchmarks\n\nintro\n\n## Targets\n\nthe targets\n")
+    assert fastv.main(["--render-only", "--results", str(results), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert md.count(fastv.TITLE) == 1 and md.rstrip().endswith("the targets")
+    speed, prune = section(tables(md), fastv.TITLE[3:])
+    by = {r["configuration"]: r for r in speed}
+    assert set(by) == set(rows)
+    for k, r in by.items():
+        check_ratio(r["vs dense"], r["decode tok/s"], by["dense"]["decode tok/s"])
+        check_ratio(r["bandwidth model"], by["dense"]["bytes per step MiB"], r["bytes per step MiB"])
+    assert by["FastV 2:0.5"]["KV saved"] == "30.0%" and by["gla-0.7"]["lazy layers (run)"] == "2,4"
+    p = {r[""]: r for r in prune}
+    assert p["checkpoint bytes"]["saved"] == "10.0%" and p["load s (median)"]["saved"] == "25.0%"
+    assert p["parameters resident after load"]["saved"] == "15.0%"
+    assert "Same greedy tokens, pruned and unpruned (scan and unroll): **yes**" in md
+    assert run.FASTV_TITLE in run.OWN_SECTIONS  # benchmarks.run puts it back after re-rendering
+    with pytest.raises(QCacheError, match="no results"):
+        fastv.main(["--render-only", "--results", str(tmp_path / "none.json"), "--out", str(out)])

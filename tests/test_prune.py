@@ -60,6 +60,15 @@ def test_schedules_that_need_removed_weights_are_refused(pruned, kw):
     assert "pruned" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(QCacheError):
         m.logits(np.asarray([[1, 5, 6]]), **{k: v for k, v in kw.items()})
+    if "fastv_layer" in kw:  # the line says what FastV does to the schedule, not "run --lazy auto"
+        assert "FastV 0:0.5 makes layer 1 an anchor" in str(e.value)
+
+
+def test_fastv_above_the_pruned_block_runs(pruned, image_path):
+    """FastV after layer 2 cuts nothing in the pruned block 1-2: it runs on the pruned checkpoint."""
+    res = load(pruned.out).generate("what color ?", [image_path], lazy="auto", fastv_layer=2, fastv_keep=0.5,
+                                    max_new_tokens=2)
+    assert res.lazy_layers == [1, 2] and res.fastv == "2:0.5"
 
 
 def test_cli_prune_and_refusals(tiny_ckpt, pruned, tmp_path, capsys):
