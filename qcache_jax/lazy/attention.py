@@ -108,10 +108,16 @@ def _write(cache, slot, value):
     """
     value = value.astype(cache.dtype)
     zero = jnp.zeros((), jnp.int32)
-    for b in range(cache.shape[0]):
+    for b in range(value.shape[0]):  # the live rows (decode_step's ``rows``): the first ones
         at = (jnp.int32(b), zero, slot[b].astype(jnp.int32), zero)
         cache = jax.lax.dynamic_update_slice(cache, value[b : b + 1], at)
     return cache
+
+
+def _fill_rows(x, n: int):
+    """``x`` [B_live, ...] padded with zero rows to the cache's ``n`` rows (attention over a
+    cache whose rows beyond the live ones are idle: decode_step's ``rows``)."""
+    return x if x.shape[0] == n else jnp.pad(x, ((0, n - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
 def _rows_of(x, rows):
@@ -185,7 +191,7 @@ class LazyAttention:
         """
         if isinstance(ctx, DecodePass):
             out, qc, new = self._decode(layer, x, qc, is_lazy, ctx, cache, hands_probs)
-            return out[:, :, None], qc, new, None
+            return out[: x.shape[0], :, None], qc, new, None
         return self._sequence(layer, x, qc, is_lazy, ctx, cache, stores)
 
     # -- a whole sequence ------------------------------------------------------------------------
@@ -243,8 +249,10 @@ class LazyAttention:
         def decode(q, segments, *, probs=False):
             return decode_segments(q, segments, impl=self.impl, return_probs=probs, mesh=self.mesh)
 
+        rows = c.v_txt.shape[0]  # the cache's rows; x may hold only the live ones
+
         def anchor(qc):
-            q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
+            q = _fill_rows(layer.queries(x, ctx.cos, ctx.sin)[:, :, 0], rows)
             k_txt = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
             out, _, probs = decode(q, segs(c.k_img, k_txt), probs=hands_probs)
             new_qc = QCache(q, (c.k_img, k_txt) if has_img else (k_txt,), probs)
@@ -268,7 +276,7 @@ class LazyAttention:
             # VLA: the new token's text half with its own query and text keys, its visual half
             # as the anchor scored it (its probabilities, or its query and visual keys) with the
             # layer's own visual V; merged by log-sum-exp.
-            q = layer.queries(x, ctx.cos, ctx.sin)[:, :, 0]
+            q = _fill_rows(layer.queries(x, ctx.cos, ctx.sin)[:, :, 0], rows)
             own = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
             out, lse, _ = decode(q, [(own, v_txt, n_new)])
             if has_img:

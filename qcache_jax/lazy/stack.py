@@ -53,6 +53,7 @@ def _empty_qcache(ctx, h, cfg, caches, attn: LazyAttention) -> QCache:
         t = h.shape[1]
         return QCache(jnp.zeros((b, hq, t, d), dt), (jnp.zeros((b, hkv, t, d), dt),))
     c = caches[0]
+    b = c.v_txt.shape[0]  # the cache's rows (h may hold only the live ones)
     segments = ([c.v_img] if c.v_img.shape[2] > 0 else []) + [c.v_txt]
     probs = tuple((jnp.zeros((b, hq, s.shape[2]), jnp.float32), jnp.zeros((b, hq), jnp.float32)) for s in segments)
     probs = probs if attn.passes_probs else None

@@ -83,6 +83,15 @@ class Plan:
     n_image_tokens: int = 0  # LLaVA-NeXT: padded image-token count of the batch (the packing index)
 
     @property
+    def live_rows(self) -> int | None:
+        """Rows a decode step computes, when fewer than the cache's (a single prompt in a
+        two-row cache): :func:`~qcache_jax.runtime.forward.decode_step`'s ``rows``. None: all
+        (also with a mesh, whose shards split the cache's rows)."""
+        if self.attn.mesh is not None or self.prefill_batch >= self.layout.batch:
+            return None
+        return self.prefill_batch
+
+    @property
     def schedule(self) -> Schedule:
         return self.layout.schedule
 
@@ -172,7 +181,7 @@ def _decode_loop(graphdef, plan: Plan, params, state, logits, s: Sampling, activ
 
     def body(c: LoopState):
         new_state, logits = forward.decode_step(model, plan.schedule, plan.attn, c.state, c.token, loop=plan.loop,
-                                                fastv=plan.layout.fastv)
+                                                fastv=plan.layout.fastv, rows=plan.live_rows)
         c = _emit(plan, dataclasses.replace(c, state=new_state), logits, s)
         return dataclasses.replace(c, step=c.step + 1)
 
@@ -184,7 +193,7 @@ def _stream_step(graphdef, plan: Plan, params, state, logits, key, step, s: Samp
     model = nnx.merge(graphdef, params)
     tok, key, new_done = _next_token(plan, logits, key, done, step, state, s)
     state, logits = forward.decode_step(model, plan.schedule, plan.attn, state, tok, loop=plan.loop,
-                                        fastv=plan.layout.fastv)
+                                        fastv=plan.layout.fastv, rows=plan.live_rows)
     return state, logits, key, tok, new_done
 
 

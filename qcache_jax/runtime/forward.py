@@ -153,11 +153,21 @@ def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout,
 
 
 def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingState, tokens, *, loop="unroll",
-                fastv=None):
+                fastv=None, rows: int | None = None):
     """Logits [B, V] for ``tokens`` [B] fed at each row's next position; the state advanced.
-    ``fastv``: the layout's (its layers above K hold the kept visual tokens only)."""
-    h = model.embed(tokens[:, None])
-    cos, sin = model.rope(state.positions[:, None])
+    ``fastv``: the layout's (its layers above K hold the kept visual tokens only).
+
+    ``rows`` (static, no mesh): only the first ``rows`` cache rows are live (a batch of one
+    prompt in a two-row cache, :func:`~qcache_jax.runtime.engine.batch_bucket`). The layers'
+    projections, MLPs and the head then run on those rows alone: XLA CPU multiplies one row
+    by a weight matrix as a streaming GEMV, but two or more rows as a GEMM that repacks the
+    whole matrix, which made the idle row cost about 0.7x a decode step. Attention still
+    reads every cache row (its queries padded with zeros); the idle rows' logits are zero.
+    """
+    b = tokens.shape[0]
+    live = b if rows is None else int(rows)
+    h = model.embed(tokens[:live, None])
+    cos, sin = model.rope(state.positions[:live, None])
     ctx = DecodePass(cos=cos, sin=sin, n_img=state.n_img, n_txt=state.n_txt)
     out = run_layers(
         model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, caches=state.layers, loop=loop,
@@ -166,4 +176,5 @@ def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingS
     new_state = DecodingState(
         layers=out.caches, n_img=state.n_img, n_txt=state.n_txt + 1, positions=state.positions + 1
     )
-    return new_state, model.head(out.h[:, 0])
+    logits = model.head(out.h[:, 0])
+    return new_state, (jnp.pad(logits, ((0, b - live), (0, 0))) if live < b else logits)
