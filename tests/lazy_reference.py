@@ -28,9 +28,9 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
     ``fastv=(K, R)``: FastV (Chen et al., 2024) as docs/method.md states it: after layer K the
     row's visual tokens are ranked by layer K's attention probabilities from the selector
     token (``fastv_row[b]``, default the last token), averaged over heads; the
-    ceil(R * n_visual) best are kept, the rest are no keys for the layers above K; layer K+1
-    is made an anchor (a lazy block straddling K is cut). ``kept_out``: a list that receives
-    the kept visual mask [B, T]."""
+    ceil(R * n_visual) best are kept (at least 1; a row without visual tokens keeps none), the
+    rest are no keys for the layers above K; layer K+1 is made an anchor (a lazy block
+    straddling K is cut). ``kept_out``: a list that receives the kept visual mask [B, T]."""
     cfg = hf.config.text_config
     ids = torch.tensor(input_ids)
     b, t = ids.shape
@@ -102,6 +102,7 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
                 score = pr[i, :, rows[i], :].mean(0)
                 cand = np.flatnonzero(vis[i])
                 n_keep = int(np.ceil(fastv[1] * len(cand) - 1e-9))
+                n_keep = max(n_keep, 1) if len(cand) else 0  # at least one of a row's visual tokens
                 best = cand[np.argsort(-score[cand], kind="stable")[:n_keep]]
                 kept[i, best] = True
             if kept_out is not None:

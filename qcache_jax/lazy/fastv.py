@@ -43,7 +43,7 @@ class FastV:
 
     def kept(self, n: int) -> int:
         """Visual tokens kept of ``n``: ceil(R * n), at least 1 when n >= 1. The product is taken
-        with a 1e-9 tolerance, so that R = 0.3 keeps 3 of 10 (0.3 * 10 is 3.0000000000000004)."""
+        with a 1e-9 tolerance, so that R = 0.07 keeps 7 of 100 (0.07 * 100 is 7.000000000000001)."""
         n = int(n)
         return min(n, max(1 if n else 0, math.ceil(self.keep * n - 1e-9)))
 
