@@ -43,6 +43,7 @@ BANDWIDTH_FRACTION = 0.70
 RSS_FACTOR = 2.0
 MODEL_TOLERANCE = 1.10  # a measured lazy/dense above 1.1x the bandwidth model is a bug to explain
 PAPER_THROUGHPUT = 1.5  # the paper's lazy/dense throughput under a fixed KV budget
+DECODE_VS_LLAMA = {1: 1.0, 8: 1.5}  # dense decode against llama.cpp F32, by batch
 
 RESULT_KEYS = ("meta", "machine", "settings", "bandwidth", "peers", "vs_hf", "lazy", "bandwidth_use", "memory",
                "kv_budget", "targets", "runs", "scaling")
@@ -237,6 +238,13 @@ def build(p, profile, files_text, files_vision, text, vision, bw, llama: str, el
                                       runs[f"text/ours/b{b}"]["token_ids"] if runs.get(f"text/{e}/b{b}") else None
                                       for b in tb}
         peers.append(row)
+        if e == "llama_cpp" and llama == "run":
+            for b in tb:
+                want = DECODE_VS_LLAMA.get(b)
+                dec = ratio(peers[0][f"decode_b{b}"], row[f"decode_b{b}"])
+                if want is not None:
+                    targets.append(dict(target=f"dense decode >= {want:g}x llama.cpp F32", where=f"{files_text.name}, batch {b}",
+                                        measured=fx(dec), status=status(dec is not None and dec >= want)))
 
     # Ours vs HF, both models, every batch.
     vs_hf = []
@@ -282,9 +290,12 @@ def build(p, profile, files_text, files_vision, text, vision, bw, llama: str, el
         gbs = r["step_bytes"]["bytes"] / step_s / 1e9 if step_s else None
         frac = value(gbs) / value(bandwidth_gbs) if gbs else None
         model = files_text.name if k.startswith("text/") else files_vision.name
+        at_bw_ms = 1e3 * r["step_bytes"]["bytes"] / (value(bandwidth_gbs) * 1e9)
+        kern = r.get("decode_kernels") or {}
         bw_rows.append(dict(model=model, config=r["mode"] if k.startswith("text/") else k.split("/")[2], batch=r["batch"],
                             weights=r["step_bytes"]["weights_bytes"], kv=r["step_bytes"]["kv_bytes"],
-                            step_ms=1e3 * step_s if step_s else None, gbs=gbs, fraction=frac))
+                            step_ms=1e3 * step_s if step_s else None, gbs=gbs, fraction=frac, at_bw_ms=at_bw_ms,
+                            kernels=kern.get("kernels"), matmuls=kern.get("matmuls")))
         if r["mode"] == "dense":
             targets.append(dict(target=f"dense decode step >= {BANDWIDTH_FRACTION:.0%} of read bandwidth",
                                 where=f"{model}, batch {r['batch']}",
@@ -347,6 +358,15 @@ def build(p, profile, files_text, files_vision, text, vision, bw, llama: str, el
         "peers": peers, "vs_hf": vs_hf, "lazy": lazy, "bandwidth_use": bw_rows, "memory": memory, "kv_budget": budget,
         "targets": targets, "runs": runs,
     }
+
+
+def profile_row(r: dict) -> list:
+    """A row of the decode-step profile from a bandwidth-use row ("n/a" where a count is missing)."""
+    step, at_bw, k = r["step_ms"], r.get("at_bw_ms"), r.get("kernels")
+    rest = step - at_bw if step and at_bw is not None else None
+    return [r["model"], r["config"], r["batch"], shown(step), shown(at_bw), shown(rest),
+            "n/a" if k is None else k, "n/a" if r.get("matmuls") is None else r["matmuls"],
+            shown(1e3 * rest / k) if rest is not None and k else "n/a"]
 
 
 def _load(avg) -> str:
@@ -462,6 +482,18 @@ def render(res: dict) -> str:
     L += table(["model", "config", "batch", "weights MiB/step", "KV MiB/step", "ms/step", "GB/s", "% of bandwidth"],
                [[r["model"], r["config"], r["batch"], mib(r["weights"]), mib(r["kv"]), shown(r["step_ms"]), shown(r["gbs"]),
                  "n/a" if r["fraction"] is None else f"{100 * r['fraction']:.0f}%"] for r in res["bandwidth_use"]])
+
+    # Where a decode step's time goes.
+    L += ["## Decode step profile (ours)", "",
+          "kernels: what one decode step launches, counted in the optimized HLO of the compiled decode loop "
+          "(`tools.bench.decode_kernels`: the `while` body's fusions, copies and the sampling conditional); "
+          "matmuls: those containing a dot. at bandwidth: bytes per step / the measured read bandwidth, the step "
+          "if reading memory were all it did; the rest of the measured step, spread over its kernels, is what each "
+          "kernel costs beyond its memory traffic (dispatch, thread hand-off, and a GEMM's repacking of the weight "
+          "matrix, which XLA CPU does for every dot with more than one row).", ""]
+    L += table(["model", "config", "batch", "ms/step", "at bandwidth ms", "rest ms", "kernels/step", "matmuls/step",
+                "rest per kernel us"],
+               [profile_row(r) for r in res["bandwidth_use"]])
 
     # Memory.
     L += ["## Peak resident memory during generate", "",

@@ -69,3 +69,37 @@ def test_the_check_sees_stacked_weight_slices():
 
     hlo = jax.jit(loop).lower(w, jax.ShapeDtypeStruct((2, 128), np.float32)).compile().as_text()
     assert large_moves(hlo, 128 * 256)
+
+
+def test_single_prompt_decode_computes_one_row(model):
+    """A single prompt sits in a two-row cache (batch_bucket), but its decode step multiplies
+    the weights by its one live row: the projections and the MLP are [1, ...] products (XLA
+    CPU's GEMV) and no [2, ...] one appears; attention still reads both cache rows."""
+    hlo, _, plan = _decode_hlo(model, None, "vla", batch=1)
+    assert plan.layout.batch == 2 and plan.live_rows == 1
+    f = CFG.text.intermediate_size
+    assert f"f32[1,{f}]" in hlo and f"f32[2,{f}]" not in hlo
+    _, _, plan3 = _decode_hlo(model, None, "vla", batch=3)
+    assert plan3.live_rows is None  # 3 prompts in 4 rows: the prefill computes 4 rows too
+
+
+def test_decode_kernels_counts_the_loop_body():
+    """tools.bench.decode_kernels: the while body's kernels and those with a dot."""
+    from qcache_jax.tools.bench import decode_kernels
+
+    w = jax.ShapeDtypeStruct((64, 64), np.float32)
+
+    def loop(w, x, n_dots):
+        def body(i, x):
+            for _ in range(n_dots):
+                x = jax.numpy.tanh(x @ w)
+            return x
+
+        return jax.lax.fori_loop(0, 3, body, x)
+
+    x = jax.ShapeDtypeStruct((2, 64), np.float32)
+    counts = [decode_kernels(jax.jit(loop, static_argnums=2).lower(w, x, n).compile().as_text()) for n in (2, 5)]
+    assert [c["matmuls"] for c in counts] == [2, 5]
+    assert counts[1]["kernels"] > counts[0]["kernels"] >= 2
+    with pytest.raises(ValueError, match="no while loop"):
+        decode_kernels(jax.jit(lambda w, x: x @ w).lower(w, x).compile().as_text())

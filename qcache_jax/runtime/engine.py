@@ -32,6 +32,7 @@ from ..lazy.fastv import FastV
 from ..lazy.schedule import Schedule
 from ..nn import anyres
 from . import forward
+from .host_memory import release_freed
 from .sampling import sample
 
 # Below this many tokens prompts are padded to a power of two (few buckets, little waste);
@@ -356,6 +357,7 @@ class Engine:
         active = jax.ShapeDtypeStruct((plan.layout.batch,), jnp.bool_)
         if self.mesh is not None:
             self._compiled[plan] = self._compile_sharded(plan, ids, lens, pv, sampling, active)
+            release_freed()
             return time.perf_counter() - t0
         prefill = jax.jit(functools.partial(_prefill, self.graphdef, plan))
         decode = jax.jit(functools.partial(_decode_loop, self.graphdef, plan), donate_argnums=(1,))
@@ -363,6 +365,7 @@ class Engine:
         state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv)
         cd = decode.lower(self.params, state_out, logits, sampling, active).compile()
         self._compiled[plan] = (cp, cd)
+        release_freed()  # the compiler's freed heap, else resident for the process's life
         return time.perf_counter() - t0
 
     # -- a device mesh ----------------------------------------------------------------------------

@@ -374,6 +374,44 @@ def step_bytes(cfg: LlavaConfig, layout, dtype=None, *, reuse_probs: bool = True
     return {"weights_bytes": int(weights), "kv_bytes": int(kv), "bytes": int(weights + kv)}
 
 
+_NOT_KERNELS = ("parameter", "get-tuple-element", "tuple", "constant", "bitcast")
+
+
+def decode_kernels(hlo_text: str) -> dict:
+    """What one decode step launches, read off the optimized HLO of the compiled decode loop:
+    ``kernels``, the instructions of the ``while`` body that run as a kernel (fusions, copies,
+    custom calls, the sampling ``conditional``; not tuples, parameters or bitcasts) and
+    ``matmuls``, those of them that contain a ``dot``. On CPU every kernel costs a dispatch
+    besides its memory traffic, which is why a step of many small kernels falls short of the
+    read bandwidth (BENCHMARKS.md, "Decode step profile")."""
+    import re
+
+    comps, cur = {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+        if head and line.rstrip().endswith("{"):
+            cur = comps.setdefault(head.group(1), [])
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None:
+            cur.append(line)
+    bodies = [m.group(1) for lines in comps.values() for line in lines
+              for m in [re.search(r"\swhile\(.*body=%([\w.\-]+)", line)] if m]
+    if not bodies:
+        raise ValueError("no while loop in this HLO: not a decode loop")
+    body = max(bodies, key=lambda b: len(comps.get(b, ())))
+    kernels = matmuls = 0
+    for line in comps[body]:
+        m = re.search(r"= (?:\([^=]*\)|\S+) ([a-z][\w\-]*)\((.*)$", line)
+        if not m or m.group(1) in _NOT_KERNELS:
+            continue
+        kernels += 1
+        called = re.search(r"calls=%([\w.\-]+)", m.group(2))
+        if m.group(1) == "dot" or (called and any(" dot(" in x for x in comps.get(called.group(1), ()))):
+            matmuls += 1
+    return {"kernels": kernels, "matmuls": matmuls}
+
+
 # -- environment ---------------------------------------------------------------------------------
 
 

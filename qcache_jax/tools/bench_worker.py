@@ -143,6 +143,7 @@ class OursEngine(NoEngine):
 
         jax.block_until_ready(self.model.params)
         self.load_seconds = time.perf_counter() - t0
+        self._kernel_counts = {}
 
     def hello(self) -> dict:
         from .bench import count_params
@@ -227,8 +228,19 @@ class OursEngine(NoEngine):
             "decode_seconds": decode_tokens / tok_s if tok_s else None, "decode_tokens_per_second": tok_s,
             "decode_steps": max(len(t) for t in res.token_ids) - 1, "compile_seconds": res.compile_seconds,
             "token_ids": res.token_ids, **_image_fields(cfg, inputs), **m.fields(),
-            **self._layout_fields(req, plan, engine),
+            **self._layout_fields(req, plan, engine), "decode_kernels": self._kernels(engine, plan),
         }
+
+    def _kernels(self, engine, plan) -> dict | None:
+        """:func:`~qcache_jax.tools.bench.decode_kernels` of the plan's compiled decode loop
+        (None with a mesh, whose loop is compiled differently), read once per plan."""
+        from .bench import decode_kernels
+
+        if self.model.mesh is not None:
+            return None
+        if plan not in self._kernel_counts:
+            self._kernel_counts[plan] = decode_kernels(engine.decode_executable(plan).as_text())
+        return self._kernel_counts[plan]
 
 
 class HFEngine(NoEngine):
