@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from ..runtime.host_memory import use_lean_xla_flags
+
+    use_lean_xla_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_entry_point(f"qcache {args.command}", lambda: args.func(args),

@@ -241,7 +241,9 @@ def main() -> int:
     """``python -m qcache_jax.demo``: exit status 0, or 2 with one line for a user error (a
     missing weights package, unreadable parts)."""
     from ..errors import run_entry_point
+    from ..runtime.host_memory import use_lean_xla_flags
 
+    use_lean_xla_flags()
     return run_entry_point("qcache_jax.demo", _demo)
 
 

@@ -479,6 +479,7 @@ class Engine:
     def generate(self, prompts, pixel_values, plan: Plan, sampling: Sampling) -> GenerateOutput:
         """Generate for ``prompts`` (lists of token ids, image tokens expanded) under ``plan``."""
         compile_s = self.compile(plan)
+        release_freed()  # what earlier calls freed (a larger batch's prefill temporaries)
         batch = self.prepare(prompts, pixel_values, plan)
         t0 = time.perf_counter()
         state, logits = self.prefill(plan, batch)

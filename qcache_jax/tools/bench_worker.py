@@ -455,6 +455,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mesh", default=None, help="ours: run on a device mesh data=D,model=M")
     args = p.parse_args(argv)
+    if args.engine == "ours":
+        from ..runtime.host_memory import use_lean_xla_flags
+
+        use_lean_xla_flags()
     # The answers get the real stdout; whatever a library prints goes to stderr.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
