@@ -244,7 +244,7 @@ def build(p, profile, files_text, files_vision, text, vision, bw, llama: str, el
                 dec = ratio(peers[0][f"decode_b{b}"], row[f"decode_b{b}"])
                 if want is not None:
                     targets.append(dict(target=f"dense decode >= {want:g}x llama.cpp F32", where=f"{files_text.name}, batch {b}",
-                                        measured=fx(dec), status=status(dec is not None and dec >= want)))
+                                        measured=fx(dec), status=status(None if dec is None else dec >= want)))
 
     # Ours vs HF, both models, every batch.
     vs_hf = []

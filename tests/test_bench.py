@@ -169,7 +169,10 @@ def test_worker_protocol_reports_times_rss_and_errors():
         plan = w.request("plan", **req)
         bw = w.request("bandwidth", gib=1 / 64, repeats=2)
     for r in (dense, lazy, again):
-        assert r["peak_rss_bytes"] >= r["rss_before_bytes"] > 0 and r["peak_reset"]
+        # the peak restarts at the resident size of the reset; it can read a few pages below the
+        # size read just before (the kernel's per-CPU RSS counters are batched, and generate
+        # gives freed heap back first), never a MiB below
+        assert r["peak_rss_bytes"] >= r["rss_before_bytes"] - 2**20 and r["rss_before_bytes"] > 0 and r["peak_reset"]
         assert r["prefill_seconds"] > 0 and r["decode_tokens_per_second"] > 0
         assert r["decode_tokens"] == 2 * (3 - 1) and [len(t) for t in r["token_ids"]] == [3, 3]
     assert dense["compile_seconds"] > 0 and again["compile_seconds"] == 0

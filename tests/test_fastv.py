@@ -90,6 +90,15 @@ def test_decode_scanned_loop_and_no_prob_reuse(pair):
     _decode_vs_forward(qm, hf, ids, pv, "1,4-5", "gla", reuse_probs=False)
 
 
+def test_single_prompt_decode(pair):
+    """One prompt: its decode step computes the live row of a two-row cache (Plan.live_rows)."""
+    hf, qm = pair
+    ids, pv = _inputs(hf, np.random.default_rng(7), batch=1)
+    for lazy, mode, kw in (("1-3,5", "gla", {}), ("1-3,5", "vla", dict(loop="scan")),
+                           ("1,4-5", "gla", dict(reuse_probs=False))):
+        _decode_vs_forward(qm, hf, ids, pv, lazy, mode, **kw)
+
+
 @pytest.mark.parametrize("mode", ["gla", "vla"])
 def test_kv_cache_bytes_are_the_array_sizes(pair, rng, mode):
     from qcache_jax.lazy.cache import init_state

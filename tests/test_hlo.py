@@ -79,6 +79,8 @@ def test_single_prompt_decode_computes_one_row(model):
     assert plan.layout.batch == 2 and plan.live_rows == 1
     f = CFG.text.intermediate_size
     assert f"f32[1,{f}]" in hlo and f"f32[2,{f}]" not in hlo
+    v = CFG.text.vocab_size
+    assert f"f32[1,{v}]" in hlo  # the head too: one row of logits, padded afterwards
     _, _, plan3 = _decode_hlo(model, None, "vla", batch=3)
     assert plan3.live_rows is None  # 3 prompts in 4 rows: the prefill computes 4 rows too
 
@@ -101,5 +103,14 @@ def test_decode_kernels_counts_the_loop_body():
     counts = [decode_kernels(jax.jit(loop, static_argnums=2).lower(w, x, n).compile().as_text()) for n in (2, 5)]
     assert [c["matmuls"] for c in counts] == [2, 5]
     assert counts[1]["kernels"] > counts[0]["kernels"] >= 2
+    # a conditional returning many arrays (XLA numbers long tuples' entries) is one kernel too
+    def many(w, x):
+        def body(i, xs):
+            return jax.lax.cond(xs[0][0, 0] > 0, lambda: tuple(x * 2 for x in xs), lambda: tuple(x @ w for x in xs))
+
+        return jax.lax.fori_loop(0, 3, body, tuple(x + k for k in range(7)))
+
+    text = jax.jit(many).lower(w, x).compile().as_text()
+    assert "/*index=" in text and decode_kernels(text)["kernels"] >= 1
     with pytest.raises(ValueError, match="no while loop"):
         decode_kernels(jax.jit(lambda w, x: x @ w).lower(w, x).compile().as_text())

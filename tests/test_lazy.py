@@ -105,6 +105,16 @@ def test_decode_equals_full_forward_every_position(lazy_pair, rng, lazy, mode, l
     _check_decode_vs_forward(qm, ids, pv, lazy, mode, loop=loop)
 
 
+@pytest.mark.parametrize("loop,reuse", [("unroll", True), ("scan", True), ("unroll", False)])
+@pytest.mark.parametrize("lazy,mode", [(None, "vla"), ("1-2,4", "gla"), ("1-2,4", "vla")])
+def test_single_prompt_decode_equals_full_forward(lazy_pair, rng, lazy, mode, loop, reuse):
+    """One prompt in a two-row cache: the decode step computes the live row alone (Plan.live_rows)
+    and still equals the full forward at every position, with an image."""
+    hf, qm = lazy_pair
+    ids, pv = make_inputs(hf.config, 1, 5, rng)
+    _check_decode_vs_forward(qm, ids, pv, lazy, mode, loop=loop, reuse_probs=reuse)
+
+
 @pytest.mark.parametrize("mode", ["gla", "vla"])
 def test_prob_reuse_equals_recompute(lazy_pair, rng, mode):
     """Decode: the anchor's handed-on probabilities (GLA: every segment; VLA: the visual one)

@@ -22,14 +22,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ..runtime.host_memory import use_lean_xla_flags
-
-    use_lean_xla_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_entry_point(f"qcache {args.command}", lambda: args.func(args),
                            oom_hint="try a smaller --batch, a shorter prompt or fewer --max-new-tokens")
 
 
+def console() -> int:
+    """The ``qcache`` executable: :func:`main` in a process of its own, which starts JAX with
+    :func:`~qcache_jax.host_memory.use_lean_xla_flags` (calling :func:`main` from Python leaves
+    the environment alone)."""
+    from ..host_memory import use_lean_xla_flags
+
+    use_lean_xla_flags()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

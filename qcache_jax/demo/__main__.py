@@ -241,11 +241,12 @@ def main() -> int:
     """``python -m qcache_jax.demo``: exit status 0, or 2 with one line for a user error (a
     missing weights package, unreadable parts)."""
     from ..errors import run_entry_point
-    from ..runtime.host_memory import use_lean_xla_flags
 
-    use_lean_xla_flags()
     return run_entry_point("qcache_jax.demo", _demo)
 
 
 if __name__ == "__main__":
+    from ..host_memory import use_lean_xla_flags
+
+    use_lean_xla_flags()  # a process of its own (`make demo`): JAX has not started yet
     sys.exit(main())

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import LlavaConfig
 from ..errors import QCacheError
+from ..host_memory import release_freed
 from ..nn.llava import abstract_model
 
 CONFIG_FILE = "qcache_config.json"
@@ -199,16 +200,5 @@ def load_params(directory: Path, cfg: LlavaConfig, *, shardings=None):
     if pruned:
         for (attn, name), (full_attn, _) in zip(_projections(params, pruned), _projections(full, pruned)):
             attn[name] = jax.tree.map(_placeholder, full_attn[name])
-    _return_free_memory()
+    release_freed()  # the restore's temporary buffers: ~100 MB resident per 500 MB of weights
     return params
-
-
-def _return_free_memory() -> None:
-    """Give the allocator's freed pages back to the OS (glibc keeps the restore's temporary
-    buffers otherwise: ~100 MB of resident memory per 500 MB of weights)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass

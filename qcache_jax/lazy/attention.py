@@ -97,7 +97,8 @@ def _gather(x, idx):
 
 
 def _write(cache, slot, value):
-    """cache[b, :, slot[b]] = value[b, :, 0] for every row, in place.
+    """cache[b, :, slot[b]] = value[b, :, 0] for every row of ``value`` (the cache's first
+    rows: a decode step may compute only the live ones), in place.
 
     One ``dynamic_update_slice`` per row (the batch is static and small): XLA updates the
     donated buffer in place. A scatter would be lowered with an in-bounds guard, a ``select``

@@ -32,7 +32,7 @@ from ..lazy.fastv import FastV
 from ..lazy.schedule import Schedule
 from ..nn import anyres
 from . import forward
-from .host_memory import release_freed
+from ..host_memory import release_freed
 from .sampling import sample
 
 # Below this many tokens prompts are padded to a power of two (few buckets, little waste);
@@ -516,6 +516,7 @@ class Engine:
         ``kv_cache_bytes``, ``dense_kv_cache_bytes`` and ``schedule`` before the first token.
         """
         compile_s = self.compile(plan)
+        release_freed()  # as generate does
         batch = self.prepare(prompts, pixel_values, plan)
         key = (plan, "stream")
         if key not in self._compiled:

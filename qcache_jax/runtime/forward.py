@@ -166,6 +166,8 @@ def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingS
     """
     b = tokens.shape[0]
     live = b if rows is None else int(rows)
+    if not 1 <= live <= b or (live < b and attn.mesh is not None):
+        raise ValueError(f"decode_step: rows={rows} needs 1 <= rows <= {b} (the cache's rows) and no mesh")
     h = model.embed(tokens[:live, None])
     cos, sin = model.rope(state.positions[:live, None])
     ctx = DecodePass(cos=cos, sin=sin, n_img=state.n_img, n_txt=state.n_txt)

@@ -386,20 +386,21 @@ def decode_kernels(hlo_text: str) -> dict:
     read bandwidth (BENCHMARKS.md, "Decode step profile")."""
     import re
 
-    comps, cur = {}, None
-    for line in hlo_text.splitlines():
-        head = re.match(r"^(?:ENTRY )?%([\w.\-]+) ", line)
+    comps, cur, entry = {}, None, None
+    for line in re.sub(r"/\*index=\d+\*/", "", hlo_text).splitlines():  # XLA numbers long tuples' entries
+        head = re.match(r"^(ENTRY )?%([\w.\-]+) ", line)
         if head and line.rstrip().endswith("{"):
-            cur = comps.setdefault(head.group(1), [])
+            cur = comps.setdefault(head.group(2), [])
+            entry = head.group(2) if head.group(1) else entry
         elif line.startswith("}"):
             cur = None
         elif cur is not None:
             cur.append(line)
-    bodies = [m.group(1) for lines in comps.values() for line in lines
-              for m in [re.search(r"\swhile\(.*body=%([\w.\-]+)", line)] if m]
+    # the decode loop is the entry computation's while (a scanned layer stack nests its own)
+    bodies = [m.group(1) for line in comps.get(entry, ()) for m in [re.search(r"\swhile\(.*body=%([\w.\-]+)", line)] if m]
     if not bodies:
         raise ValueError("no while loop in this HLO: not a decode loop")
-    body = max(bodies, key=lambda b: len(comps.get(b, ())))
+    body = bodies[0]
     kernels = matmuls = 0
     for line in comps[body]:
         m = re.search(r"= (?:\([^=]*\)|\S+) ([a-z][\w\-]*)\((.*)$", line)
