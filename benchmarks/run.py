@@ -50,7 +50,8 @@ RESULT_KEYS = ("meta", "machine", "settings", "bandwidth", "peers", "vs_hf", "la
 SCALING_TITLE = "## Scaling out: bytes per device on a mesh (computed, not measured)"
 SERVE_TITLE = "## Serving under a KV budget (`qcache serve`, continuous batching)"  # benchmarks/serve.py
 FASTV_TITLE = "## FastV and pruned checkpoints (the real-weights demo model)"  # benchmarks/fastv.py
-OWN_SECTIONS = (SERVE_TITLE, FASTV_TITLE)  # written by their own scripts; a run here keeps them
+LONG_TITLE = "## Long context (text, batch 1)"  # benchmarks/long_context.py
+OWN_SECTIONS = (SERVE_TITLE, FASTV_TITLE, LONG_TITLE)  # written by their own scripts; a run here keeps them
 
 PROFILES = {
     "cpu": dict(

@@ -465,3 +465,44 @@ def test_fastv_section_renders_the_ratios_of_its_numbers(tmp_path):
     assert run.FASTV_TITLE in run.OWN_SECTIONS  # benchmarks.run puts it back after re-rendering
     with pytest.raises(QCacheError, match="no results"):
         fastv.main(["--render-only", "--results", str(tmp_path / "none.json"), "--out", str(out)])
+
+
+def test_long_context_section_smoke(tmp_path, cache_dir, capsys):
+    """benchmarks.long_context end to end on a tiny text model (ours and HF): the section's rows,
+    the same greedy tokens, step ratios and KiB per cached token computed from the results, and a
+    deterministic re-render; a bad --contexts is one line."""
+    from benchmarks import long_context as lc
+
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nintro\n\n## Targets\n\nthe targets\n")
+    argv = ["--model", "tiny-text", "--contexts", "24,60", "--new-tokens", "3", "--rounds", "1", "--no-llama-cpp",
+            "--out", str(out), "--cache-dir", str(cache_dir)]
+    assert lc.main(argv) == 0
+    md = out.read_text()
+    assert md.count(lc.TITLE) == 1 and md.rstrip().endswith("the targets")
+    speed, cache = section(tables(md), lc.TITLE[3:])
+    assert [(r["engine"], r["context"]) for r in speed] == [
+        ("qcache-jax (ours)", "24"), ("qcache-jax (ours)", "60"),
+        ("Hugging Face generate (sdpa)", "24"), ("Hugging Face generate (sdpa)", "60")]
+    assert all(r["same tokens as ours"] == "yes" for r in speed[2:])
+    res = json.loads(out.with_suffix(".long_context.json").read_text())
+    for r in speed:
+        e = "ours" if r["engine"].startswith("qcache") else "hf"
+        step = 1e3 / res["runs"][f"{e}/{r['context']}"]["decode_tokens_per_second"]
+        base = 1e3 / res["runs"][f"{e}/24"]["decode_tokens_per_second"]
+        check_ratio(r["step vs shortest"], f"{step:.6g}", f"{base:.6g}")
+    assert [float(r["KiB per cached token"]) for r in cache] == [float(cache[0]["KiB per cached token"])] * 2
+    assert int(cache[1]["text capacity"]) > int(cache[0]["text capacity"])
+    assert lc.main(["--render-only"] + argv) == 0 and out.read_text() == md
+    capsys.readouterr()
+    assert run_cli_module(lc, ["--contexts", "4k", "--out", str(out)], capsys) == 2
+
+
+def run_cli_module(module, argv, capsys) -> int:
+    """``module``'s entry point as ``python -m`` runs it: the exit status, one line on stderr."""
+    from qcache_jax.errors import run_entry_point
+
+    code = run_entry_point(module.__name__, lambda: module.main(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--contexts" in err[0], err
+    return code
