@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "qcache_jax"
 # Lower rank = lower layer. A module may import its own rank or below.
 RANKS = {
-    "errors": 0, "_files": 0, "config": 0, "kernels": 0, "images": 0,
+    "errors": 0, "_files": 0, "config": 0, "kernels": 0, "images": 0, "host_memory": 0,
     "nn": 1,
     "lazy": 2,
     "runtime": 3, "io": 3,
