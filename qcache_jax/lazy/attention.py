@@ -115,9 +115,9 @@ def _write(cache, slot, value):
     return cache
 
 
-def _fill_rows(x, n: int):
-    """``x`` [B_live, ...] padded with zero rows to the cache's ``n`` rows (attention over a
-    cache whose rows beyond the live ones are idle: decode_step's ``rows``)."""
+def fill_rows(x, n: int):
+    """``x`` [B_live, ...] padded with zero rows to the cache's ``n`` rows: the idle rows beyond
+    the live ones (prefill's caches and logits, decode_step's ``rows``)."""
     return x if x.shape[0] == n else jnp.pad(x, ((0, n - x.shape[0]),) + ((0, 0),) * (x.ndim - 1))
 
 
@@ -253,7 +253,7 @@ class LazyAttention:
         rows = c.v_txt.shape[0]  # the cache's rows; x may hold only the live ones
 
         def anchor(qc):
-            q = _fill_rows(layer.queries(x, ctx.cos, ctx.sin)[:, :, 0], rows)
+            q = fill_rows(layer.queries(x, ctx.cos, ctx.sin)[:, :, 0], rows)
             k_txt = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
             out, _, probs = decode(q, segs(c.k_img, k_txt), probs=hands_probs)
             new_qc = QCache(q, (c.k_img, k_txt) if has_img else (k_txt,), probs)
@@ -277,7 +277,7 @@ class LazyAttention:
             # VLA: the new token's text half with its own query and text keys, its visual half
             # as the anchor scored it (its probabilities, or its query and visual keys) with the
             # layer's own visual V; merged by log-sum-exp.
-            q = _fill_rows(layer.queries(x, ctx.cos, ctx.sin)[:, :, 0], rows)
+            q = fill_rows(layer.queries(x, ctx.cos, ctx.sin)[:, :, 0], rows)
             own = self._write(c.k_txt, ctx.n_txt, layer.keys(x, ctx.cos, ctx.sin))
             out, lse, _ = decode(q, [(own, v_txt, n_new)])
             if has_img:

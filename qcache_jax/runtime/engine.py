@@ -31,8 +31,8 @@ from ..lazy.cache import CacheLayout, DecodingState, layout_kv_bytes
 from ..lazy.fastv import FastV
 from ..lazy.schedule import Schedule
 from ..nn import anyres
-from . import forward
 from ..host_memory import release_freed
+from . import forward
 from .sampling import sample
 
 # Below this many tokens prompts are padded to a power of two (few buckets, little waste);

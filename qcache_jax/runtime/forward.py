@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ..lazy.attention import DecodePass, LazyAttention, SequencePass
+from ..lazy.attention import DecodePass, LazyAttention, SequencePass, fill_rows
 from ..lazy.cache import CacheLayout, DecodingState
 from ..lazy.schedule import Schedule
 from ..lazy.stack import run_layers
@@ -141,10 +141,9 @@ def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout,
     rows = jnp.arange(b)
     logits = model.head(out.h[rows, prompt_len - 1])
     n_img = is_img.sum(1).astype(jnp.int32)
-    extra = layout.batch - b
 
     def rows_to(x):  # idle rows: zeros (empty segments, lengths 0)
-        return jnp.pad(x, ((0, extra),) + ((0, 0),) * (x.ndim - 1)) if extra else x
+        return fill_rows(x, layout.batch)
 
     caches = jax.tree.map(rows_to, out.caches)
     state = DecodingState(layers=caches, n_img=rows_to(n_img), n_txt=rows_to(prompt_len - n_img),
@@ -179,4 +178,4 @@ def decode_step(model, schedule: Schedule, attn: LazyAttention, state: DecodingS
         layers=out.caches, n_img=state.n_img, n_txt=state.n_txt + 1, positions=state.positions + 1
     )
     logits = model.head(out.h[:, 0])
-    return new_state, (jnp.pad(logits, ((0, b - live), (0, 0))) if live < b else logits)
+    return new_state, fill_rows(logits, b)
