@@ -18,7 +18,7 @@ from .io.checkpoint import load_params, read_config, read_pruned
 from .kernels import IMPLS
 from .lazy.schedule import Schedule
 from .nn.layers import LOOPS
-from .nn.llava import abstract_model
+from .nn.families import abstract_model
 
 
 def _to_numpy(x):
@@ -198,10 +198,11 @@ class QCacheModel:
             )
         return schedule
 
-    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None):
+    def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, image_grid_thw=None):
         """Validate HF-style inputs; returns them as numpy arrays (LLaVA-NeXT pixel values with
-        their ``image_sizes`` as a host :class:`~qcache_jax.nn.anyres.AnyresPixels`). Raises
-        QCacheError naming the problem."""
+        their ``image_sizes`` as a host :class:`~qcache_jax.nn.anyres.AnyresPixels`; Qwen2-VL
+        pixel values unchanged, checked with their ``image_grid_thw`` by :meth:`qwen_inputs`).
+        Raises QCacheError naming the problem."""
         cfg = self.config
         ids = _to_numpy(input_ids)
         if ids.ndim == 1:
@@ -219,6 +220,13 @@ class QCacheModel:
                 raise QCacheError(f"attention_mask shape {mask.shape} does not match input_ids {ids.shape}")
         pv = _to_numpy(pixel_values)
         n_img_tokens = int((ids == cfg.image_token_id).sum()) if cfg.has_vision else 0
+        if image_grid_thw is not None and cfg.family == "llava":
+            raise QCacheError("image_grid_thw is for Qwen2-VL checkpoints; this LLaVA one takes pixel_values "
+                              + ("and image_sizes" if cfg.anyres else "[N, C, H, W]"))
+        if cfg.family != "llava":
+            if image_sizes is not None:
+                raise QCacheError("image_sizes is for LLaVA-NeXT checkpoints; Qwen2-VL takes image_grid_thw")
+            return ids.astype(np.int32), None if pv is None else pv.astype(np.float32), mask
         if image_sizes is not None and not cfg.anyres:
             raise QCacheError("image_sizes is for LLaVA-NeXT checkpoints; this one takes pixel_values [N, C, H, W]")
         if pv is not None and cfg.anyres:
@@ -262,6 +270,15 @@ class QCacheModel:
             )
         return images
 
+    def qwen_inputs(self, ids, pixel_values, mask, image_grid_thw):
+        """Qwen2-VL: (packed pixels or None, M-RoPE positions [3, B, T]) of checked inputs."""
+        from .nn.qwen2_vl import prepare_inputs
+
+        valid = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+        pixels, positions, _ = prepare_inputs(self.config, ids, valid, pixel_values,
+                                              None if image_grid_thw is None else _to_numpy(image_grid_thw))
+        return pixels, positions
+
     def logits(
         self,
         input_ids,
@@ -271,6 +288,7 @@ class QCacheModel:
         mode: str | None = None,
         *,
         image_sizes=None,
+        image_grid_thw=None,
         loop: str = "scan",
         attention_impl: str = "auto",
         fastv_layer: int | None = None,
@@ -284,7 +302,9 @@ class QCacheModel:
         (None: the mode a schedule file records, else ``vla``). ``loop``: ``scan`` (one
         compiled layer) or ``unroll``; both compute the same numbers. LLaVA-NeXT:
         ``pixel_values`` [N, views, C, H, W] and ``image_sizes`` [N, 2], as
-        ``LlavaNextForConditionalGeneration`` takes them. ``fastv_layer`` / ``fastv_keep``: FastV
+        ``LlavaNextForConditionalGeneration`` takes them. Qwen2-VL / Qwen2.5-VL: ``pixel_values``
+        [N_patches, C*T*P*P] and ``image_grid_thw`` [N, 3], as ``Qwen2VLForConditionalGeneration``
+        takes them (the M-RoPE positions are computed here). ``fastv_layer`` / ``fastv_keep``: FastV
         as in :class:`GenerateOptions`; the visual tokens are ranked by the attention of
         ``fastv_row`` (a position per row, or one for all; default: each row's last valid token,
         the last prompt token when ``input_ids`` is a prompt). The logits at dropped positions
@@ -293,7 +313,10 @@ class QCacheModel:
         """
         from .runtime.forward import logits_fn
 
-        ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes)
+        ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes, image_grid_thw)
+        rope_positions = None
+        if self.config.family != "llava":
+            pv, rope_positions = self.qwen_inputs(ids, pv, mask, image_grid_thw)
         fastv = self.resolve_fastv(fastv_layer, fastv_keep)
         schedule = self.effective_schedule(lazy, mode, fastv)
         if fastv_kept and fastv is None:
@@ -330,6 +353,7 @@ class QCacheModel:
             fastv_row=None if fastv is None or fastv_row is None else put(np.asarray(fastv_row, np.int32)),
             kept=fastv_kept,
             schedule=static,
+            rope_positions=None if rope_positions is None else put(rope_positions),
         )
         return np.asarray(out)
 
@@ -420,15 +444,16 @@ class QCacheModel:
         return dataclasses.replace(base, **kwargs)
 
     def generate(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
-                 image_sizes=None, options: GenerateOptions | None = None, **kwargs) -> "GenerateResult":
+                 image_sizes=None, image_grid_thw=None, options: GenerateOptions | None = None,
+                 **kwargs) -> "GenerateResult":
         """Jitted prefill + ``lax.while_loop`` decode for one prompt or a batch.
 
         Give either ``prompt`` (a string, or a list of strings) with ``images`` (a path or PIL
         image, or a list of them; for a batch, one list per prompt), formatted with the chat
         template unless ``raw``; or HF-style ``input_ids`` [B, T] (image tokens expanded;
         padding on either side marked by ``attention_mask``) with ``pixel_values`` [N, C, H, W]
-        (LLaVA-NeXT: [N, views, C, H, W] and ``image_sizes`` [N, 2]; rows may hold different
-        numbers of image tokens).
+        (LLaVA-NeXT: [N, views, C, H, W] and ``image_sizes`` [N, 2]; Qwen2-VL: [N_patches,
+        C*T*P*P] and ``image_grid_thw`` [N, 3]; rows may hold different numbers of image tokens).
         Options: a :class:`GenerateOptions` and/or its fields as keywords (``lazy``, ``mode``,
         ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``raw``,
         ``eos_token_id``, ``cache_len``, ``max_context``, ``attention_impl``,
@@ -440,7 +465,7 @@ class QCacheModel:
 
         opts = self.options(options, **kwargs)
         engine, plan, prompts, pv, schedule = self._setup(
-            prompt, images, input_ids, pixel_values, attention_mask, opts, image_sizes
+            prompt, images, input_ids, pixel_values, attention_mask, opts, image_sizes, image_grid_thw
         )
         sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
         out = engine.generate(prompts, pv, plan, sampling)
@@ -461,7 +486,8 @@ class QCacheModel:
         )
 
     def stream(self, prompt=None, images=(), *, input_ids=None, pixel_values=None, attention_mask=None,
-               image_sizes=None, options: GenerateOptions | None = None, stats: dict | None = None, **kwargs):
+               image_sizes=None, image_grid_thw=None, options: GenerateOptions | None = None,
+               stats: dict | None = None, **kwargs):
         """Like :meth:`generate` (same arguments), yielding each step's new token per prompt as
         a list (None for prompts that have finished). ``stats``, when given, receives the
         compile and prefill seconds, the KV cache bytes and the schedule before the first token."""
@@ -471,7 +497,7 @@ class QCacheModel:
         if opts.return_logits:
             raise QCacheError("stream() does not return logits; use generate(return_logits=True)")
         engine, plan, prompts, pv, _ = self._setup(
-            prompt, images, input_ids, pixel_values, attention_mask, opts, image_sizes
+            prompt, images, input_ids, pixel_values, attention_mask, opts, image_sizes, image_grid_thw
         )
         sampling = Sampling.make(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p, opts.seed)
         yield from engine.stream(prompts, pv, plan, sampling, opts.max_new_tokens, stats=stats)
@@ -502,11 +528,11 @@ class QCacheModel:
         return engine, plan
 
     def _setup(self, prompt, images, input_ids, pixel_values, attention_mask, opts: GenerateOptions,
-               image_sizes=None):
+               image_sizes=None, image_grid_thw=None):
         """Validate inputs; (engine, plan, prompts, pixel values, schedule that runs)."""
         schedule = self.effective_schedule(opts.lazy, opts.mode, self.resolve_fastv(opts.fastv_layer, opts.fastv_keep))
         prompts, pv, counts = self._prompts(
-            prompt, images, input_ids, pixel_values, attention_mask, opts.raw, image_sizes
+            prompt, images, input_ids, pixel_values, attention_mask, opts.raw, image_sizes, image_grid_thw
         )
         if self.config.anyres:
             n_img = self._next_images_per_row(prompts, counts)
@@ -516,12 +542,18 @@ class QCacheModel:
         engine, plan = self.plan(prompts, n_img, opts, schedule)
         return engine, plan, prompts, pv, schedule
 
-    def _prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw, image_sizes=None):
+    def _prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw, image_sizes=None,
+                 image_grid_thw=None):
         """Per-row prompt token lists (no padding), the batch's pixel values (LLaVA-NeXT: a host
-        :class:`~qcache_jax.nn.anyres.AnyresPixels` of the batch's images, in row order) and, for
-        LLaVA-NeXT, each image's token count (else None)."""
+        :class:`~qcache_jax.nn.anyres.AnyresPixels` of the batch's images, in row order; Qwen2-VL:
+        (pixel_values, image_grid_thw)) and, for LLaVA-NeXT, each image's token count (else None)."""
         if (prompt is None) == (input_ids is None):
             raise QCacheError("give exactly one of prompt or input_ids")
+        if image_grid_thw is not None and prompt is not None:
+            raise QCacheError("image_grid_thw goes with pixel_values; with a prompt, give the images")
+        if self.config.family != "llava":
+            return self._qwen_prompts(prompt, images, input_ids, pixel_values, attention_mask, raw, image_sizes,
+                                      image_grid_thw)
         if prompt is not None:
             single = isinstance(prompt, str)
             batch = [prompt] if single else list(prompt)
@@ -569,6 +601,36 @@ class QCacheModel:
                 if sum(1 for t in r if t == self.config.image_token_id) % per:
                     raise QCacheError(f"a prompt's image tokens are not a whole number of images ({per} tokens each)")
         return rows, pv, None
+
+    def _qwen_prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw, image_sizes,
+                      image_grid_thw):
+        """:meth:`_prompts` for Qwen2-VL: the rows and (pixel_values, image_grid_thw), checked
+        now (before anything compiles) by the same packing the engine runs."""
+        from .nn.qwen2_vl import prepare_inputs
+
+        if prompt is not None:
+            if images and (not isinstance(images, (list, tuple)) or len(images)):
+                raise QCacheError("Qwen2-VL prompts with images are not supported yet: pass input_ids, pixel_values "
+                                  "and image_grid_thw from the checkpoint's processor")
+            batch = [prompt] if isinstance(prompt, str) else list(prompt)
+            if not batch:
+                raise QCacheError("empty prompt list")
+            rows = [self.encode(p, (), raw=raw)[0] for p in batch]
+            pv = grid = None
+        else:
+            ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes, image_grid_thw)
+            mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
+            rows = [row[m].tolist() for row, m in zip(ids, mask)]
+            grid = None if image_grid_thw is None else _to_numpy(image_grid_thw)
+        if any(len(r) == 0 for r in rows):
+            raise QCacheError("a prompt has no tokens")
+        t = max(len(r) for r in rows)
+        padded = np.zeros((len(rows), t), np.int64)
+        valid = np.zeros((len(rows), t), bool)
+        for i, r in enumerate(rows):
+            padded[i, : len(r)], valid[i, : len(r)] = r, True
+        prepare_inputs(self.config, padded, valid, pv, grid)  # raises on any mismatch
+        return rows, None if pv is None else (pv, grid), None
 
     def _next_rows(self, rows, pvs, sizes):
         """LLaVA-NeXT, encoded prompts: (rows, one host AnyresPixels of all their images in

@@ -38,11 +38,56 @@ class VisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QwenVisionConfig:
+    """The Qwen2-VL / Qwen2.5-VL vision transformer (``variant``: ``qwen2_vl`` or ``qwen2_5_vl``).
+
+    ``embed_dim``: the tower's width; ``out_hidden_size``: the patch merger's output (the text
+    model's hidden size). Qwen2-VL: LayerNorm blocks with an fc1/fc2 MLP; Qwen2.5-VL: RMSNorm
+    blocks with a gated MLP and window attention (``window_size`` pixels) except in
+    ``fullatt_block_indexes``.
+    """
+
+    variant: str
+    depth: int
+    embed_dim: int
+    out_hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    in_channels: int = 3
+    hidden_act: str = "quick_gelu"
+    rope_theta: float = 10000.0
+    window_size: int = 0
+    fullatt_block_indexes: tuple[int, ...] = ()
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per flattened patch, as the HF image processor emits them (C * T * P * P)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches merged into one visual token."""
+        return self.spatial_merge_size**2
+
+
+@dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding: ``rope_type`` is ``default``, ``linear`` or ``llama3``."""
 
     theta: float = 10000.0
     rope_type: str = "default"
+    # Qwen2-VL's M-RoPE: the rotary pairs split into (temporal, height, width) sections, each
+    # rotated by its own position; empty for 1-D RoPE. A text token has all three positions
+    # equal, which is 1-D RoPE exactly.
+    mrope_section: tuple[int, ...] = ()
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -92,6 +137,8 @@ class LlavaConfig:
     # each, multiples of the vision image_size. None: LLaVA-1.5 (one fixed-size view per image).
     image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
 
+    family = "llava"  # not a field: configs saved before the family seam name none
+
     @property
     def has_vision(self) -> bool:
         return self.vision is not None
@@ -130,12 +177,71 @@ class LlavaConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlavaConfig":
         d = dict(d)
-        text = dict(d.pop("text"))
-        text["rope"] = RopeConfig(**text["rope"])
-        text["eos_token_id"] = tuple(text.get("eos_token_id") or ())
+        d.pop("family", None)
+        text = _text_from_dict(d.pop("text"))
         vfl = d.get("vision_feature_layer", -2)
         d["vision_feature_layer"] = vfl if isinstance(vfl, int) else tuple(vfl)
         vision = d.pop("vision")
         pinpoints = d.get("image_grid_pinpoints")  # absent from configs written before LLaVA-NeXT
         d["image_grid_pinpoints"] = None if pinpoints is None else tuple(tuple(int(x) for x in p) for p in pinpoints)
-        return cls(vision=None if vision is None else VisionConfig(**vision), text=TextConfig(**text), **d)
+        return cls(vision=None if vision is None else VisionConfig(**vision), text=text, **d)
+
+
+def _text_from_dict(text: dict[str, Any]) -> TextConfig:
+    text = dict(text)
+    rope = dict(text["rope"])
+    rope["mrope_section"] = tuple(rope.get("mrope_section") or ())
+    text["rope"] = RopeConfig(**rope)
+    text["eos_token_id"] = tuple(text.get("eos_token_id") or ())
+    return TextConfig(**text)
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVLConfig:
+    """A Qwen2-VL / Qwen2.5-VL model (``family``: ``qwen2_vl`` or ``qwen2_5_vl``): the native-
+    resolution vision tower with its patch merger, and a Qwen2 decoder with M-RoPE
+    (``text.rope.mrope_section``). An image's visual tokens are its ``image_token_id`` (image-pad)
+    tokens; how many depends on its size (``image_grid_thw``), and the prompt brackets them with
+    ``vision_start_token_id`` / ``vision_end_token_id``."""
+
+    family: str
+    vision: QwenVisionConfig
+    text: TextConfig
+    image_token_id: int
+    video_token_id: int | None = None
+    vision_start_token_id: int | None = None
+    vision_end_token_id: int | None = None
+    dtype: str = "float32"
+
+    # What the rest of the library asks any model config (the LLaVA-only features are off).
+    has_vision = True
+    anyres = False
+    image_tokens_per_image = 0  # variable: set by each image's grid
+    image_seq_length = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QwenVLConfig":
+        d = dict(d)
+        vision = dict(d.pop("vision"))
+        vision["fullatt_block_indexes"] = tuple(vision.get("fullatt_block_indexes") or ())
+        return cls(vision=QwenVisionConfig(**vision), text=_text_from_dict(d.pop("text")), **d)
+
+
+# The model families, by the ``family`` a saved config names (LLaVA configs, older than the
+# field, name none).
+ModelConfig = LlavaConfig | QwenVLConfig
+FAMILIES = {"llava": LlavaConfig, "qwen2_vl": QwenVLConfig, "qwen2_5_vl": QwenVLConfig}
+
+
+def config_from_dict(d: dict[str, Any]) -> ModelConfig:
+    """A saved config (``to_dict``) back as its family's dataclass."""
+    family = d.get("family", "llava")
+    if family not in FAMILIES:
+        raise KeyError(f"unknown model family {family!r}")
+    return FAMILIES[family].from_dict(d)

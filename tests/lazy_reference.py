@@ -18,7 +18,7 @@ def _np(t):
 
 
 def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mask=None, image_sizes=None,
-                          first_reading=False, fastv=None, fastv_row=None, kept_out=None):
+                          first_reading=False, fastv=None, fastv_row=None, kept_out=None, image_grid_thw=None):
     """Logits [B, T, V] of the HF model with layers ``lazy`` inheriting attention (GLA or VLA).
     ``image_sizes``: for a LLaVA-NeXT model (its image-token positions, base view, tiles and
     newlines, are the visual positions). ``first_reading`` (VLA): the project's superseded
@@ -30,7 +30,11 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
     token (``fastv_row[b]``, default the last token), averaged over heads; the
     ceil(R * n_visual) best are kept (at least 1; a row without visual tokens keeps none), the
     rest are no keys for the layers above K; layer K+1 is made an anchor (a lazy block
-    straddling K is cut). ``kept_out``: a list that receives the kept visual mask [B, T]."""
+    straddling K is cut). ``kept_out``: a list that receives the kept visual mask [B, T].
+
+    ``image_grid_thw``: a Qwen2-VL model's image grids; its M-RoPE tables come from HF's own
+    ``get_rope_index`` positions and rotary embedding, its visual positions are the image-pad
+    tokens."""
     cfg = hf.config.text_config
     ids = torch.tensor(input_ids)
     b, t = ids.shape
@@ -40,11 +44,16 @@ def lazy_logits_reference(hf, input_ids, pixel_values, lazy, mode, attention_mas
             kw["pixel_values"] = torch.tensor(pixel_values)
         if image_sizes is not None:
             kw["image_sizes"] = torch.tensor(image_sizes)
-        h = _np(hf.model(**kw).hidden_states[0])
+        image_token = hf.config.image_token_index if hasattr(hf.config, "image_token_index") else hf.config.image_token_id
         pos = torch.arange(t)[None].expand(b, t)
+        if image_grid_thw is not None:
+            kw["image_grid_thw"] = torch.tensor(image_grid_thw)
+            kw["mm_token_type_ids"] = (ids == image_token).long()
+            pos, _ = hf.model.get_rope_index(ids, kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"])
+        h = _np(hf.model(**kw).hidden_states[0])
         cos, sin = hf.model.language_model.rotary_emb(torch.zeros(1, dtype=torch.float64), pos)
     cos, sin = _np(cos)[:, :, None, :], _np(sin)[:, :, None, :]
-    vis_key = (np.asarray(input_ids) == hf.config.image_token_index)[:, None, None, :]  # [B, 1, 1, T_k]
+    vis_key = (np.asarray(input_ids) == image_token)[:, None, None, :]  # [B, 1, 1, T_k]
     mask = np.tril(np.ones((t, t), bool))[None] & (
         np.ones((b, 1, t), bool) if attention_mask is None else np.asarray(attention_mask, bool)[:, None, :]
     )

@@ -216,7 +216,7 @@ def test_step_bytes_matches_a_hand_count(mode):
 
 
 def test_presets_and_schedules():
-    from qcache_jax.nn.llava import abstract_model
+    from qcache_jax.nn.families import abstract_model
 
     n, _ = bench.count_params(abstract_model(bench.preset_config("cpu-300m"))[1])
     assert 250e6 < n < 350e6 and bench.preset_config("cpu-300m").image_tokens_per_image == 576
@@ -238,7 +238,7 @@ def test_next_presets_are_real_anyres_inputs():
     inputs are LlavaNextProcessor-shaped (views per image, image_sizes); --image-tokens picks
     the image size or is refused."""
     from qcache_jax.nn import anyres
-    from qcache_jax.nn.llava import abstract_model
+    from qcache_jax.nn.families import abstract_model
 
     for name in bench.NEXT_PRESETS:
         cfg = bench.preset_config(name)

@@ -265,7 +265,7 @@ def assemble(parts: Path = PARTS_DIR, variant: str | None = None) -> tuple[Llava
     if variant is not None:
         schedule, adapters = _variant(parts, variant, cfg.text.num_layers)
         flat = {k: np.asarray(v) for k, v in merge_adapters(flat, adapters).items()}
-    from ..nn.llava import abstract_model
+    from ..nn.families import abstract_model
 
     return cfg, unflatten_params(flat, abstract_model(cfg)[1]), schedule
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..config import LlavaConfig
+from ..config import LlavaConfig, config_from_dict
 from ..errors import QCacheError
 from ..host_memory import release_freed
-from ..nn.llava import abstract_model
+from ..nn.families import abstract_model
 
 CONFIG_FILE = "qcache_config.json"
 PARAMS_DIR = "params"
@@ -124,7 +124,7 @@ def read_config(directory: Path) -> LlavaConfig:
     if not path.is_file():
         raise QCacheError(f"{directory}: not a qcache checkpoint (no {CONFIG_FILE}); convert it with `qcache convert`")
     try:
-        return LlavaConfig.from_dict(json.loads(path.read_text()))
+        return config_from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, TypeError, KeyError) as e:
         raise QCacheError(f"{path}: corrupted config ({e})") from None
 

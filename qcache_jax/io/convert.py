@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .._files import atomic_output_dir
 from ..config import LlavaConfig
 from ..errors import QCacheError
-from ..nn.llava import abstract_model
+from ..nn.families import abstract_model
 from .checkpoint import copy_hf_side_files, save_checkpoint, save_tokenizer_and_processor
 from .hf_config import from_hf_config
 from .names import canonical_name, flax_shape, hf_shape, key_path, param_name, to_flax

@@ -9,10 +9,13 @@ Face peers and the demo models all go through it.
 
 from __future__ import annotations
 
-from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..config import LlavaConfig, QwenVLConfig, RopeConfig, TextConfig, VisionConfig
 from ..errors import QCacheError
 
 SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2")
+# The decoders inside Qwen2-VL / Qwen2.5-VL: Qwen2 layers (q/k/v biases) with M-RoPE.
+QWEN_VL_TEXT_TYPES = ("qwen2_vl_text", "qwen2_5_vl_text")
+QWEN_VL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 SUPPORTED_VISION_TYPES = ("clip_vision_model",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_new", "gelu_pytorch_tanh", "quick_gelu", "relu")
@@ -40,13 +43,18 @@ def _rope_from_hf(tc) -> RopeConfig:
         params.setdefault(k, v)
     theta = params.get("rope_theta", getattr(tc, "rope_theta", None))
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    section = tuple(int(i) for i in params.get("mrope_section") or ())
+    if rope_type == "mrope":  # transformers < 4.5x named Qwen2-VL's rope this way; its frequencies are default
+        rope_type = "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise QCacheError(f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
         raise QCacheError("partial_rotary_factor != 1 is not supported")
     if rope_type != "llama3":  # the scaling fields mean nothing to the other kinds: keep the defaults
         return RopeConfig(theta=float(theta if theta is not None else 10000.0), rope_type=rope_type,
-                          factor=float(params.get("factor", 1.0)))
+                          factor=float(params.get("factor", 1.0)), mrope_section=section)
+    if section:
+        raise QCacheError("mrope_section with llama3 rope scaling is not supported")
     return RopeConfig(
         theta=float(theta if theta is not None else 10000.0),
         rope_type=rope_type,
@@ -61,7 +69,7 @@ def _rope_from_hf(tc) -> RopeConfig:
 
 def text_config_from_hf(tc, *, tie_word_embeddings: bool | None = None) -> TextConfig:
     """The decoder's :class:`TextConfig` from a transformers Llama / Mistral / Qwen2 config."""
-    if tc.model_type not in SUPPORTED_TEXT_TYPES:
+    if tc.model_type not in SUPPORTED_TEXT_TYPES + QWEN_VL_TEXT_TYPES:
         raise QCacheError(
             f"unsupported text model_type {tc.model_type!r}; supported: {', '.join(SUPPORTED_TEXT_TYPES)}"
         )
@@ -81,7 +89,7 @@ def text_config_from_hf(tc, *, tie_word_embeddings: bool | None = None) -> TextC
         rope=_rope_from_hf(tc),
         max_position_embeddings=int(getattr(tc, "max_position_embeddings", 4096)),
         # Qwen2 has biases on q/k/v but not on o_proj; Llama's attention_bias covers all four.
-        qkv_bias=True if tc.model_type == "qwen2" else attention_bias,
+        qkv_bias=True if tc.model_type in ("qwen2",) + QWEN_VL_TEXT_TYPES else attention_bias,
         o_bias=attention_bias if tc.model_type == "llama" else False,
         mlp_bias=bool(getattr(tc, "mlp_bias", False)),
         hidden_act=_check_act(tc.hidden_act, "the text MLP"),
@@ -97,11 +105,13 @@ def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
     """A :class:`LlavaConfig` from a transformers ``LlavaConfig`` / ``LlavaNextConfig``, or from a
     Llama / Mistral / Qwen2 text config (a text-only model: no vision tower, no image tokens)."""
     model_type = getattr(hf, "model_type", None)
+    if model_type in QWEN_VL_TYPES:
+        return qwen_config_from_hf(hf, dtype)
     if model_type in SUPPORTED_TEXT_TYPES:
         return LlavaConfig(vision=None, text=text_config_from_hf(hf), image_token_id=None, image_seq_length=0, dtype=dtype)
     if model_type not in ("llava", "llava_next"):
         raise QCacheError(
-            f"unsupported model_type {model_type!r}: supported are 'llava', 'llava_next' and "
+            f"unsupported model_type {model_type!r}: supported are 'llava', 'llava_next', 'qwen2_vl', 'qwen2_5_vl' and "
             f"text-only {', '.join(SUPPORTED_TEXT_TYPES)}"
         )
     vc, tc = hf.vision_config, hf.text_config
@@ -143,6 +153,32 @@ def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
         vision_feature_select_strategy=strategy,
         dtype=dtype,
     )
+
+
+def qwen_config_from_hf(hf, dtype: str = "float32") -> QwenVLConfig:
+    """A :class:`QwenVLConfig` from a transformers ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``."""
+    from ..nn.qwen_vision import vision_config_from_hf
+
+    tc = hf.text_config
+    if getattr(tc, "use_sliding_window", False):
+        raise QCacheError("Qwen2-VL with use_sliding_window=true is not supported (sliding-window attention)")
+    tie = bool(getattr(hf, "tie_word_embeddings", False) or getattr(tc, "tie_word_embeddings", False))
+    text = text_config_from_hf(tc, tie_word_embeddings=tie)
+    half = text.head_dim // 2
+    if sum(text.rope.mrope_section) != half:
+        raise QCacheError(
+            f"mrope_section {text.rope.mrope_section} must sum to head_dim // 2 = {half} (the rotary pairs)"
+        )
+    ids = {}
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        v = getattr(hf, name, None)
+        if v is not None and not 0 <= int(v) < text.vocab_size:
+            raise QCacheError(f"{name} {v} is outside the vocabulary (size {text.vocab_size})")
+        ids[name] = None if v is None else int(v)
+    if ids["image_token_id"] is None:
+        raise QCacheError("the Qwen2-VL config has no image_token_id")
+    return QwenVLConfig(family=hf.model_type, vision=vision_config_from_hf(hf.vision_config, hf.model_type),
+                        text=text, dtype=dtype, **ids)
 
 
 def _pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:

@@ -18,6 +18,7 @@ _CANONICAL = (
     ("model.language_model.", "language_model."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.visual.", "visual."),  # Qwen2-VL / Qwen2.5-VL (transformers 5; older saves: visual.*)
     ("model.image_newline", "image_newline"),  # LLaVA-NeXT (Hub llava-hf and saved files: image_newline)
     ("language_model.model.", "language_model."),
     ("language_model.lm_head.", "lm_head."),
@@ -37,12 +38,18 @@ _EXPORT = {
         ("image_newline", "model.image_newline"),  # LLaVA-NeXT
     ),
     "causal_lm": (("language_model.", "model."),),
+    "qwen2_vl": (("language_model.", "model.language_model."), ("visual.", "model.visual.")),
 }
 
 # leaf -> (HF leaf, transform)
-_LEAVES = {"kernel": ("weight", "linear"), "scale": ("weight", "copy"), "embedding": ("weight", "copy")}
-_TO_FLAX = {"linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0), "copy": lambda x: x}  # OIHW -> HWIO
-_TO_HF = {"linear": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1), "copy": lambda x: x}  # HWIO -> OIHW
+# ``patch_kernel``: Qwen2-VL's Conv3d patch embedding, OCTHW -> CTHWO (a flattened patch times
+# its reshape to [C*T*P*P, O] is the convolution: the stride is the kernel).
+_LEAVES = {"kernel": ("weight", "linear"), "scale": ("weight", "copy"), "embedding": ("weight", "copy"),
+           "patch_kernel": ("weight", "conv3d")}
+_TO_FLAX = {"linear": lambda x: x.T, "conv": lambda x: x.transpose(2, 3, 1, 0), "copy": lambda x: x,  # OIHW -> HWIO
+            "conv3d": lambda x: x.transpose(1, 2, 3, 4, 0)}
+_TO_HF = {"linear": lambda x: x.T, "conv": lambda x: x.transpose(3, 2, 0, 1), "copy": lambda x: x,  # HWIO -> OIHW
+          "conv3d": lambda x: x.transpose(4, 0, 1, 2, 3)}
 
 
 def canonical_name(key: str) -> str:
@@ -58,8 +65,8 @@ def canonical_name(key: str) -> str:
 
 
 def export_name(canonical: str, kind: str = "llava") -> str:
-    """The name transformers 5 writes for a canonical tensor name (``kind``: ``llava`` or
-    ``causal_lm``)."""
+    """The name transformers 5 writes for a canonical tensor name (``kind``: ``llava``,
+    ``causal_lm`` or ``qwen2_vl``, which Qwen2.5-VL shares)."""
     for old, new in _EXPORT[kind]:
         if canonical.startswith(old):
             return new + canonical[len(old) :]

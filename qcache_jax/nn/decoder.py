@@ -7,11 +7,12 @@ and values are head-major ([B, H, T, D]), the layout of the KV cache.
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 
 from ..config import TextConfig
 from .layers import Embed, Linear, RMSNorm, activation, layer_list
-from .rope import apply_rope
+from .rope import apply_rope, inverse_frequencies, mrope_angles, rope_angles
 
 
 class Attention(nnx.Module):
@@ -78,3 +79,48 @@ class LanguageModel(nnx.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = layer_list(cfg.num_layers, lambda r: DecoderLayer(cfg, dtype=dtype, rngs=r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+
+
+def scatter_features(emb, is_img, feats):
+    """``emb`` [B, T, D] with the k-th image position of the batch (row-major) replaced by row
+    k of ``feats`` [K, D], as HF's ``masked_scatter``. Rows of ``feats`` past the batch's image
+    positions are ignored, so feature counts can be bucketed."""
+    idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
+    return jnp.where(is_img[..., None], feats[idx].astype(emb.dtype), emb)
+
+
+class MultimodalDecoder(nnx.Module):
+    """What every model family shares around the one layer stack: the decoder layers, the
+    visual positions, the rotary angles and the head. A family subclass builds
+    ``language_model`` (a :class:`LanguageModel`), ``lm_head`` (None when tied) and ``cfg``, and
+    implements ``embed(input_ids, pixel_values, *, loop)``: token embeddings with its image
+    features in the image-token positions."""
+
+    @property
+    def layers(self):
+        """The decoder layers (a list of :class:`DecoderLayer`)."""
+        return list(self.language_model.layers)
+
+    def is_image(self, input_ids):
+        """Image-token positions (the visual positions VLA inherits), all False for text-only."""
+        if self.cfg.image_token_id is None:
+            return jnp.zeros(input_ids.shape, bool)
+        return input_ids == self.cfg.image_token_id
+
+    def head(self, h):
+        """Final norm and output projection; logits in float32."""
+        h = self.language_model.norm(h)
+        if self.lm_head is None:
+            return self.language_model.embed_tokens.attend(h).astype(jnp.float32)
+        return self.lm_head(h).astype(jnp.float32)
+
+    def rope(self, positions):
+        """cos and sin [B, T, head_dim] for RoPE positions [B, T], or [3, B, T] for M-RoPE
+        (``text.rope.mrope_section``; a [B, T] position is all three axes equal)."""
+        t = self.cfg.text
+        inv = inverse_frequencies(t.rope, t.head_dim)
+        if positions.ndim == 3:
+            if not t.rope.mrope_section:
+                raise ValueError("3-D RoPE positions need a model with M-RoPE (mrope_section)")
+            return mrope_angles(positions, inv, t.rope.mrope_section)
+        return rope_angles(positions, inv)

@@ -14,13 +14,12 @@ from flax import nnx
 
 from ..config import LlavaConfig
 from .anyres import AnyresPixels, gather_features
-from .decoder import LanguageModel
+from .decoder import LanguageModel, MultimodalDecoder, scatter_features
 from .layers import Linear
-from .rope import inverse_frequencies, rope_angles
 from .vision import Projector, VisionTower
 
 
-class Llava(nnx.Module):
+class Llava(MultimodalDecoder):
     """LlavaForConditionalGeneration (or, without a vision config, a ``*ForCausalLM``)."""
 
     def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs):
@@ -39,11 +38,6 @@ class Llava(nnx.Module):
         else:
             self.lm_head = None
         self.cfg = cfg
-
-    @property
-    def layers(self):
-        """The decoder layers (a list of :class:`~qcache_jax.nn.decoder.DecoderLayer`)."""
-        return list(self.language_model.layers)
 
     def image_features(self, pixel_values, *, loop: str = "scan"):
         """Projected image features [N, tokens_per_image, hidden] for ``pixel_values`` [N, C, H, W]
@@ -71,30 +65,4 @@ class Llava(nnx.Module):
         else:
             feats = self.image_features(pixel_values, loop=loop).astype(emb.dtype)
             feats = feats.reshape(-1, feats.shape[-1])
-        is_img = input_ids == self.cfg.image_token_id
-        idx = jnp.clip(jnp.cumsum(is_img.reshape(-1)) - 1, 0, feats.shape[0] - 1).reshape(is_img.shape)
-        return jnp.where(is_img[..., None], feats[idx], emb)
-
-    def is_image(self, input_ids):
-        """Image-token positions (the visual positions VLA inherits), all False for text-only."""
-        if self.cfg.image_token_id is None:
-            return jnp.zeros(input_ids.shape, bool)
-        return input_ids == self.cfg.image_token_id
-
-    def head(self, h):
-        """Final norm and output projection; logits in float32."""
-        h = self.language_model.norm(h)
-        if self.lm_head is None:
-            return self.language_model.embed_tokens.attend(h).astype(jnp.float32)
-        return self.lm_head(h).astype(jnp.float32)
-
-    def rope(self, positions):
-        """cos and sin [B, T, head_dim] for integer positions [B, T]."""
-        t = self.cfg.text
-        return rope_angles(positions, inverse_frequencies(t.rope, t.head_dim))
-
-
-def abstract_model(cfg: LlavaConfig):
-    """(graphdef, pure dict of ShapeDtypeStruct) of the model, without allocating anything."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llava(cfg, rngs=nnx.Rngs(0))))
-    return graphdef, nnx.to_pure_dict(state)
+        return scatter_features(emb, input_ids == self.cfg.image_token_id, feats)

@@ -42,3 +42,19 @@ def apply_rope(x, cos, sin):
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     c, s = cos[:, None].astype(x.dtype), sin[:, None].astype(x.dtype)
     return x * c + rotated * s
+
+
+def mrope_angles(positions, inv_freq, section):
+    """M-RoPE cos and sin [B, T, head_dim] for positions [3, B, T] (temporal, height, width).
+
+    The rotary pairs are cut into ``section`` consecutive groups (transformers'
+    ``mrope_section``, summing to head_dim // 2); group i turns by position axis i % 3. Where the
+    three positions are equal (text tokens) this is :func:`rope_angles` exactly.
+    """
+    axis = np.repeat(np.arange(len(section)) % 3, section)  # [head_dim // 2]: each pair's axis
+    if axis.shape[0] != np.asarray(inv_freq).shape[0]:
+        raise ValueError(f"mrope_section {tuple(section)} does not cover {np.asarray(inv_freq).shape[0]} rotary pairs")
+    picked = jnp.moveaxis(positions.astype(jnp.float32)[axis], 0, -1)  # [B, T, head_dim // 2]
+    freqs = picked * jnp.asarray(inv_freq)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)

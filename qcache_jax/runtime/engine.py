@@ -134,10 +134,14 @@ class LoopState:
     kept: jax.Array | None  # [B, max_new, V] logits of emitted tokens, when the plan keeps them
 
 
-def _prefill(graphdef, plan: Plan, params, input_ids, prompt_len, pixel_values):
+def _prefill(graphdef, plan: Plan, params, input_ids, prompt_len, pixel_values, rope=None):
+    """``rope``: None (RoPE positions are token indices) or the family's (positions, next
+    positions) (Qwen2-VL's M-RoPE, computed on the host by :meth:`Engine.prepare`)."""
     model = nnx.merge(graphdef, params)
+    positions, nxt = (None, None) if rope is None else rope
     return forward.prefill(
-        model, plan.schedule, plan.attn, plan.layout, input_ids, prompt_len, pixel_values, loop=plan.loop
+        model, plan.schedule, plan.attn, plan.layout, input_ids, prompt_len, pixel_values, loop=plan.loop,
+        rope_positions=positions, next_positions=nxt,
     )
 
 
@@ -207,6 +211,7 @@ class Batch:
     pixel_values: jax.Array | None
     active: jax.Array  # [B] bool
     n_rows: int  # real prompts (the rest is batch padding)
+    rope: tuple | None = None  # Qwen2-VL: (M-RoPE positions [3, B, T], next positions [B])
 
 
 @dataclasses.dataclass
@@ -282,7 +287,18 @@ class Engine:
             )
         n_images = pow2(sum(n_images_per_row)) if any(n_images_per_row) else 0
         n_image_tokens = 0
-        if cfg.anyres:
+        if cfg.family != "llava":
+            # Qwen2-VL: every visual token is merge_unit patches of its image, so the batch's
+            # patch count follows from its image-pad tokens; patches and the visual segment are
+            # bucketed (n_images counts patches here).
+            from ..nn.qwen2_vl import patch_bucket
+
+            vis = [sum(1 for t in p if t == cfg.image_token_id) for p in prompts]
+            n_text = max(len(p) - v for p, v in zip(prompts, vis))
+            image_len = bucket(max(vis)) if max(vis) else 0
+            unit = cfg.vision.merge_unit
+            n_images = patch_bucket(unit * sum(vis), unit) if sum(vis) else 0
+        elif cfg.anyres:
             # LLaVA-NeXT: an image's token count depends on its size, so rows differ; the visual
             # segment is bucketed on the longest row, the views on the image count.
             vis = [sum(1 for t in p if t == cfg.image_token_id) for p in prompts]
@@ -331,14 +347,27 @@ class Engine:
     # -- compiling ------------------------------------------------------------------------------
 
     def _abstract_inputs(self, plan: Plan):
+        """(ids, prompt lengths, pixels, rope) as ShapeDtypeStructs: what the prefill takes."""
         b, pv = plan.prefill_batch, None
+        ids = jax.ShapeDtypeStruct((b, plan.prompt_len), jnp.int32)
+        lens = jax.ShapeDtypeStruct((b,), jnp.int32)
+        if self.cfg.family != "llava":
+            from ..nn.qwen_vision import pack_pixels
+
+            if plan.n_images:  # the struct of a packed batch of n_images patches (values unused)
+                v = self.cfg.vision
+                dummy = pack_pixels(np.zeros((plan.n_images, v.patch_dim), np.float32),
+                                    np.asarray([[1, v.spatial_merge_size, plan.n_images // v.spatial_merge_size]]), v,
+                                    patches=plan.n_images)
+                pv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), dummy)
+            rope = (jax.ShapeDtypeStruct((3, b, plan.prompt_len), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
+            return ids, lens, pv, rope
         if plan.n_images:
             v = self.cfg.vision
             pv = jax.ShapeDtypeStruct((plan.n_images, v.num_channels, v.image_size, v.image_size), jnp.float32)
             if self.cfg.anyres:
                 pv = anyres.AnyresPixels(pv, jax.ShapeDtypeStruct((plan.n_image_tokens,), jnp.int32))
-        ids = jax.ShapeDtypeStruct((b, plan.prompt_len), jnp.int32)
-        return ids, jax.ShapeDtypeStruct((b,), jnp.int32), pv
+        return ids, lens, pv, None
 
     def compile(self, plan: Plan) -> float:
         """Compile the plan's prefill and decode loop (once per plan); returns the seconds spent
@@ -352,17 +381,17 @@ class Engine:
                 f"up to {plan.max_new} new tokens, lazy layers {lazy} (first use of this shape)..."
             )
         t0 = time.perf_counter()
-        ids, lens, pv = self._abstract_inputs(plan)
+        ids, lens, pv, rope = self._abstract_inputs(plan)
         sampling = jax.eval_shape(lambda: Sampling.make(1))
         active = jax.ShapeDtypeStruct((plan.layout.batch,), jnp.bool_)
         if self.mesh is not None:
-            self._compiled[plan] = self._compile_sharded(plan, ids, lens, pv, sampling, active)
+            self._compiled[plan] = self._compile_sharded(plan, ids, lens, pv, rope, sampling, active)
             release_freed()
             return time.perf_counter() - t0
         prefill = jax.jit(functools.partial(_prefill, self.graphdef, plan))
         decode = jax.jit(functools.partial(_decode_loop, self.graphdef, plan), donate_argnums=(1,))
-        cp = prefill.lower(self.params, ids, lens, pv).compile()
-        state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv)
+        cp = prefill.lower(self.params, ids, lens, pv, rope).compile()
+        state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv, rope)
         cd = decode.lower(self.params, state_out, logits, sampling, active).compile()
         self._compiled[plan] = (cp, cd)
         release_freed()  # the compiler's freed heap, else resident for the process's life
@@ -379,13 +408,15 @@ class Engine:
         key = (plan, "shardings")
         if key not in self._compiled:
             mesh, b = self.mesh, plan.prefill_batch
-            ids, lens, pv = self._abstract_inputs(plan)
-            state, logits = jax.eval_shape(functools.partial(_prefill, self.graphdef, plan), self.params, ids, lens, pv)
+            ids, lens, pv, rope = self._abstract_inputs(plan)
+            state, logits = jax.eval_shape(functools.partial(_prefill, self.graphdef, plan), self.params, ids, lens, pv,
+                                           rope)
             self._compiled[key] = {
                 "params": m.param_shardings(self.params, self.cfg, mesh),
                 "ids": m.named(m.rows_spec(b, mesh, 2), mesh),
                 "lens": m.named(m.rows_spec(b, mesh), mesh),
                 "pixels": None if pv is None else jax.tree.map(lambda _: m.replicated(mesh), pv),
+                "rope": None if rope is None else jax.tree.map(lambda _: m.replicated(mesh), rope),
                 "state": m.named(m.state_specs(state, mesh), mesh),
                 "logits": m.named(m.rows_spec(logits.shape[0], mesh, 2), mesh),
                 "active": m.named(m.rows_spec(plan.layout.batch, mesh), mesh),
@@ -393,18 +424,18 @@ class Engine:
             }
         return self._compiled[key]
 
-    def _compile_sharded(self, plan: Plan, ids, lens, pv, sampling, active):
+    def _compile_sharded(self, plan: Plan, ids, lens, pv, rope, sampling, active):
         """Prefill and decode compiled with in/out shardings on the mesh; the loop's outputs
         other than the state (tokens, counts, kept logits) come out replicated."""
         sh = self.shardings(plan)
         rep = sh["replicated"]
         prefill = jax.jit(
             functools.partial(_prefill, self.graphdef, plan),
-            in_shardings=(sh["params"], sh["ids"], sh["lens"], sh["pixels"]),
+            in_shardings=(sh["params"], sh["ids"], sh["lens"], sh["pixels"], sh["rope"]),
             out_shardings=(sh["state"], sh["logits"]),
         )
-        cp = prefill.lower(self.params, ids, lens, pv).compile()
-        state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv)
+        cp = prefill.lower(self.params, ids, lens, pv, rope).compile()
+        state_out, logits = jax.eval_shape(prefill, self.params, ids, lens, pv, rope)
         samp = jax.tree.map(lambda _: rep, sampling)
         loop_out = LoopState(step=rep, state=sh["state"], token=rep, key=rep, done=rep, tokens=rep, count=rep,
                              kept=rep if plan.keep_logits else None)
@@ -452,8 +483,15 @@ class Engine:
             ids[i, : len(p)] = p
             lens[i] = len(p)
         sh = self.shardings(plan) if self.mesh is not None else None
-        pv = None
-        if plan.n_images and self.cfg.anyres:  # a host AnyresPixels: pad views and index to the plan
+        pv = rope = None
+        if self.cfg.family != "llava":
+            pv, rope = self._prepare_qwen(ids, lens, pixel_values, plan)
+            if sh is None:
+                pv, rope = jax.tree.map(jnp.asarray, pv), jax.tree.map(jnp.asarray, rope)
+            else:
+                pv = None if pv is None else jax.tree.map(self._put, pv, sh["pixels"])
+                rope = jax.tree.map(self._put, rope, sh["rope"])
+        elif plan.n_images and self.cfg.anyres:  # a host AnyresPixels: pad views and index to the plan
             pv = anyres.pad(pixel_values, plan.n_images, plan.n_image_tokens)
             pv = jax.tree.map(jnp.asarray, pv) if sh is None else jax.tree.map(self._put, pv, sh["pixels"])
         elif plan.n_images:
@@ -462,15 +500,26 @@ class Engine:
             pv = self._put(pv, sh and sh["pixels"])
         active = np.arange(plan.layout.batch) < len(prompts)
         if sh is None:
-            return Batch(jnp.asarray(ids), jnp.asarray(lens), pv, jnp.asarray(active), len(prompts))
+            return Batch(jnp.asarray(ids), jnp.asarray(lens), pv, jnp.asarray(active), len(prompts), rope)
         return Batch(self._put(ids, sh["ids"]), self._put(lens, sh["lens"]), pv, self._put(active, sh["active"]),
-                     len(prompts))
+                     len(prompts), rope)
+
+    def _prepare_qwen(self, ids, lens, images, plan: Plan):
+        """Qwen2-VL: (host QwenPixels padded to the plan's patches or None, (M-RoPE positions,
+        next positions)) of the padded prompt rows ``ids`` [B, T] and their lengths.
+        ``images``: None or (pixel_values [N_patches, C*T*P*P], image_grid_thw [N, 3])."""
+        from ..nn.qwen2_vl import prepare_inputs
+
+        valid = np.arange(ids.shape[1])[None, :] < lens[:, None]
+        pv, grid = (None, None) if images is None else images
+        pixels, positions, nxt = prepare_inputs(self.cfg, ids, valid, pv, grid, patches=plan.n_images or None)
+        return pixels, (positions, nxt)
 
     def prefill(self, plan: Plan, batch: Batch):
         """(decoding state, logits [B, V] of each row's last prompt token); compiles the plan
         if needed."""
         self.compile(plan)
-        return self._compiled[plan][0](self.params, batch.input_ids, batch.prompt_len, batch.pixel_values)
+        return self._compiled[plan][0](self.params, batch.input_ids, batch.prompt_len, batch.pixel_values, batch.rope)
 
     def decode(self, plan: Plan, state, logits, sampling: Sampling, active) -> LoopState:
         """Run the compiled decode loop from the prefill's ``state`` and ``logits``."""

@@ -17,15 +17,19 @@ from ..lazy.schedule import Schedule
 from ..lazy.stack import run_layers
 
 
-def _sequence_pass(model, input_ids, valid, *, positions=None, segments=None, probe_rows=None, img_idx=None,
-                   txt_idx=None, text_len=0, fastv_row=None):
+def _sequence_pass(model, input_ids, valid, *, positions=None, rope_positions=None, segments=None, probe_rows=None,
+                   img_idx=None, txt_idx=None, text_len=0, fastv_row=None):
+    """The pass context. ``positions`` ([T] or [B, T]; default ``arange(T)``) are the *mask*
+    positions: causal order. ``rope_positions`` (default: the mask positions) are what the
+    rotary embedding turns by, in the family's scheme: [B, T], or [3, B, T] for M-RoPE, where
+    several tokens of an image share a position and so cannot order the mask."""
     b, t = input_ids.shape
     if positions is None:
         positions = jnp.arange(t, dtype=jnp.int32)
     positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
     if segments is not None:
         segments = jnp.broadcast_to(segments, (b, t)).astype(jnp.int32)
-    cos, sin = model.rope(positions)
+    cos, sin = model.rope(positions if rope_positions is None else jnp.asarray(rope_positions, jnp.int32))
     return SequencePass(
         cos=cos,
         sin=sin,
@@ -48,12 +52,13 @@ def last_valid(valid):
 
 
 def hidden_states(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan",
-                  positions=None, segments=None, fastv=None, fastv_row=None, out="h"):
+                  positions=None, rope_positions=None, segments=None, fastv=None, fastv_row=None, out="h"):
     """Final hidden states [B, T, hidden] (before the final norm) of a full-sequence pass.
 
     ``lazy``: a :class:`Schedule`, a traced bool array [L] (a scanned mask; training passes
     it as an argument so a new schedule does not recompile), or None (dense). Positions are
-    ``arange(T)`` unless given ([T] or [B, T]); ``attention_mask`` masks keys, as HF's forward
+    ``arange(T)`` unless given ([T] or [B, T]); ``rope_positions``: the family's RoPE positions
+    when they differ from those (Qwen2-VL's M-RoPE, [3, B, T]); ``attention_mask`` masks keys, as HF's forward
     without a cache; ``segments`` ([T] or [B, T]) packs several sequences after a shared prefix
     (segment 0) into one row, each position its own sequence's (see :class:`SequencePass`).
     ``fastv`` (:class:`~qcache_jax.lazy.fastv.FastV`): prune visual tokens after its layer,
@@ -69,28 +74,30 @@ def hidden_states(model, input_ids, pixel_values=None, attention_mask=None, lazy
         fastv_row = last_valid(valid)
     if fastv_row is not None:
         fastv_row = jnp.broadcast_to(jnp.asarray(fastv_row, jnp.int32), (b,))
-    ctx = _sequence_pass(model, input_ids, valid, positions=positions, segments=segments, fastv_row=fastv_row)
+    ctx = _sequence_pass(model, input_ids, valid, positions=positions, rope_positions=rope_positions,
+                         segments=segments, fastv_row=fastv_row)
     res = run_layers(model.layers, h, ctx, attn=attn, lazy=lazy, cfg=model.cfg.text, loop=loop, fastv=fastv)
     return res.kept if out == "kept" else res.h
 
 
 def sequence_logits(model, input_ids, pixel_values=None, attention_mask=None, lazy=None, *, attn, loop="scan",
-                    fastv=None, fastv_row=None):
+                    fastv=None, fastv_row=None, rope_positions=None):
     """Full-sequence logits [B, T, V] float32 (see :func:`hidden_states`)."""
     return model.head(hidden_states(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop,
-                                    fastv=fastv, fastv_row=fastv_row))
+                                    fastv=fastv, fastv_row=fastv_row, rope_positions=rope_positions))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mode", "loop", "impl", "mesh", "fastv", "kept", "schedule"))
 def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *, mode, loop, impl, mesh=None,
-              fastv=None, fastv_row=None, kept=False, schedule=None):
+              fastv=None, fastv_row=None, kept=False, schedule=None, rope_positions=None):
     """Jitted :func:`sequence_logits` over a parameter pytree; ``lazy`` None or a bool array [L]
     (traced: every schedule of a model shares one compilation). With a device ``mesh`` the
     attention runs per shard and the logits come out replicated. ``fastv`` (static) and
     ``fastv_row`` (traced): see :func:`hidden_states`; ``kept``: return FastV's kept visual
     tokens [B, T] instead of the logits. ``schedule``: a static :class:`Schedule` instead of
     ``lazy`` (one compilation per schedule; with ``loop="unroll"`` a GLA lazy layer's q/k
-    projections are absent from the program, which a pruned checkpoint needs)."""
+    projections are absent from the program, which a pruned checkpoint needs). ``rope_positions``
+    (traced): the family's RoPE positions, see :func:`hidden_states`."""
     model = nnx.merge(graphdef, params)
     if schedule is not None:
         lazy = schedule
@@ -99,9 +106,9 @@ def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *
         lazy = jnp.zeros((model.cfg.text.num_layers,), bool)
     if kept:
         return hidden_states(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop, fastv=fastv,
-                             fastv_row=fastv_row, out="kept")
+                             fastv_row=fastv_row, out="kept", rope_positions=rope_positions)
     out = sequence_logits(model, input_ids, pixel_values, attention_mask, lazy, attn=attn, loop=loop, fastv=fastv,
-                          fastv_row=fastv_row)
+                          fastv_row=fastv_row, rope_positions=rope_positions)
     if mesh is not None:
         out = jax.lax.with_sharding_constraint(out, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return out
@@ -119,11 +126,13 @@ def attention_probe(model, input_ids, pixel_values, valid, rows, *, loop="scan",
 
 
 def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout, input_ids, prompt_len, pixel_values,
-            *, loop="unroll"):
+            *, loop="unroll", rope_positions=None, next_positions=None):
     """Run the prompts ``input_ids`` [B, T] (right-padded; ``prompt_len`` [B] real tokens) and
     create every layer's cache segments for ``layout``. Returns (state, logits [layout.batch,
     V] of each row's last token). ``layout.batch`` may exceed B: the extra rows are idle
-    (empty segments), so a small batch is computed at its own size.
+    (empty segments), so a small batch is computed at its own size. ``rope_positions`` /
+    ``next_positions`` [B]: the family's RoPE positions of the prompt (M-RoPE: [3, B, T]) and of
+    each row's first generated token (default: the token index, ``prompt_len``).
     """
     b, t = input_ids.shape
     valid = jnp.arange(t)[None, :] < prompt_len[:, None]
@@ -134,7 +143,8 @@ def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout,
     img_idx = jnp.pad(img_idx, ((0, 0), (0, image_len - img_idx.shape[1])))
     txt_idx = jnp.argsort(~(valid & ~is_img), axis=1, stable=True)[:, : min(t, layout.text_len)]
     h = model.embed(input_ids, pixel_values, loop=loop)
-    ctx = _sequence_pass(model, input_ids, valid, img_idx=img_idx, txt_idx=txt_idx, text_len=layout.text_len,
+    ctx = _sequence_pass(model, input_ids, valid, rope_positions=rope_positions, img_idx=img_idx, txt_idx=txt_idx,
+                         text_len=layout.text_len,
                          fastv_row=None if layout.fastv is None else (prompt_len - 1).astype(jnp.int32))
     out = run_layers(model.layers, h, ctx, attn=attn, lazy=schedule, cfg=model.cfg.text, loop=loop,
                      fastv=layout.fastv)
@@ -147,7 +157,7 @@ def prefill(model, schedule: Schedule, attn: LazyAttention, layout: CacheLayout,
 
     caches = jax.tree.map(rows_to, out.caches)
     state = DecodingState(layers=caches, n_img=rows_to(n_img), n_txt=rows_to(prompt_len - n_img),
-                          positions=rows_to(prompt_len))
+                          positions=rows_to(prompt_len if next_positions is None else next_positions))
     return state, rows_to(logits)
 
 

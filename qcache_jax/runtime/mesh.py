@@ -271,7 +271,7 @@ def initialize_distributed(spec: str = "auto") -> None:
 
 def spec_table(cfg: LlavaConfig, mesh) -> list[tuple[str, str]]:
     """(parameter glob, PartitionSpec) for the rules above, for ``cfg`` on ``mesh`` (docs)."""
-    from ..nn.llava import abstract_model
+    from ..nn.families import abstract_model
 
     _, abstract = abstract_model(cfg)
     specs = param_specs(abstract, cfg, mesh)

@@ -149,9 +149,9 @@ class SlotEngine:
 
     def __init__(self, graphdef, params, cfg, layout: SlotLayout, *, attn: LazyAttention, pad_id: int = 0,
                  loop: str = "unroll", mesh=None, log: Callable[[str], None] | None = None):
-        if cfg.anyres:
-            raise QCacheError("serving LLaVA-NeXT checkpoints is not supported yet (their image-token count "
-                              "depends on each image's size); serve a LLaVA-1.5-style or text-only checkpoint")
+        if cfg.anyres or cfg.family != "llava":
+            raise QCacheError("serving LLaVA-NeXT and Qwen2-VL checkpoints is not supported yet (their image-token "
+                              "count depends on each image's size); serve a LLaVA-1.5-style or text-only checkpoint")
         if layout.slots < 1 or layout.text_len < 2:
             raise QCacheError(f"a slot pool needs >= 1 slot and >= 2 text positions, got {layout}")
         self.graphdef, self.params, self.cfg, self.layout = graphdef, params, cfg, layout

@@ -141,11 +141,11 @@ def random_model(cfg: LlavaConfig, seed: int = 0):
     from flax import nnx
 
     from ..api import QCacheModel
-    from ..nn.llava import Llava
+    from ..nn.families import build_model
 
     @jax.jit
     def build(key):
-        return nnx.to_pure_dict(nnx.state(Llava(cfg, rngs=nnx.Rngs(params=key))))
+        return nnx.to_pure_dict(nnx.state(build_model(cfg, nnx.Rngs(params=key))))
 
     return QCacheModel(cfg, build(jax.random.PRNGKey(seed)))
 
@@ -333,7 +333,7 @@ def step_bytes(cfg: LlavaConfig, layout, dtype=None, *, reuse_probs: bool = True
     import jax
 
     from ..lazy.cache import state_shapes
-    from ..nn.llava import abstract_model
+    from ..nn.families import abstract_model
 
     schedule = layout.schedule
     dtype = np.dtype(dtype or cfg.dtype)
@@ -521,7 +521,7 @@ class ModelFiles:
 
     @property
     def n_params(self) -> int:
-        from ..nn.llava import abstract_model
+        from ..nn.families import abstract_model
 
         return count_params(abstract_model(self.config)[1])[0]
 
@@ -939,7 +939,7 @@ def mesh_scaling(*, batch: int = 8, text_tokens: int = 1024, lazy_fraction: floa
     parameters + KV cache."""
     from ..lazy.cache import CacheLayout, state_shapes
     from ..nn import anyres
-    from ..nn.llava import abstract_model
+    from ..nn.families import abstract_model
     from ..runtime import mesh as m
 
     models = [("LLaVA-1.5-7B", preset_config("llava-1.5-7b", dtype=dtype), None),

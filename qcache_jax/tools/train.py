@@ -41,7 +41,7 @@ from ..errors import QCacheError
 from ..io.checkpoint import HF_CONFIG_FILE, save_checkpoint, save_tokenizer_and_processor
 from ..io.names import flatten_params, unflatten_params
 from ..lazy.schedule import SCHEDULE_FILE, check_mode
-from ..nn.llava import Llava, abstract_model
+from ..nn.families import abstract_model, build_model
 from .scoring import answer_logits, answer_stats
 from .vqa import Example
 
@@ -67,7 +67,7 @@ def init_params(cfg: LlavaConfig, seed: int = 0, *, scheme: str = "fan_in"):
     N(0, 0.02) start, the image features reach the answer position as a tiny fraction of the text
     embeddings and training sits for hundreds of steps at the language-only prior.
     """
-    model = Llava(cfg, rngs=nnx.Rngs(seed))
+    model = build_model(cfg, nnx.Rngs(seed))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     if scheme == "hf":
         return params

@@ -1,0 +1,271 @@
+"""Qwen2-VL and Qwen2.5-VL against transformers: converted tiny random models give HF's logits
+(images of several sizes, two images in one prompt, text only, a batch of two sizes), M-RoPE
+positions equal ``get_rope_index``, and lazy schedules equal a plain reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from qcache_jax.errors import QCacheError
+from tiny_models import converted
+
+VOCAB = 160
+IMAGE, VIDEO, START, END = 151, 152, 153, 154
+TOL = 1e-4  # float32 logits, max abs difference
+
+
+def _hf_config(family: str, layers: int = 4):
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END)
+    if family == "qwen2_vl":
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=4,
+                      temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+        return Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=48, num_heads=2, patch_size=4,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, window_size=16,
+                  fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+
+
+def _hf_model(family: str, seed: int = 0):
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    model = cls(_hf_config(family)).eval()
+    with torch.no_grad():  # random init leaves some biases/norms at 0/1: perturb all so every tensor matters
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def pair(request, tmp_path_factory):
+    hf = _hf_model(request.param)
+    return request.param, hf, converted(hf, tmp_path_factory.mktemp(request.param))
+
+
+def _row(rng, grids, n_text=6):
+    """A prompt: text, then per image <start> pads <end> and more text."""
+    row = [int(t) for t in rng.integers(3, 150, size=3)]
+    for t, h, w in grids:
+        row += [START] + [IMAGE] * (t * h * w // 4) + [END] + [int(x) for x in rng.integers(3, 150, size=n_text)]
+    return row
+
+
+def _pixels(rng, grids):
+    n = sum(t * h * w for t, h, w in grids)
+    return rng.standard_normal((n, 3 * 2 * 4 * 4)).astype(np.float32), np.asarray(grids, np.int64)
+
+
+def _hf_logits(hf, ids, mask=None, pv=None, grid=None):
+    kw = {"input_ids": torch.tensor(ids)}
+    kw["mm_token_type_ids"] = torch.tensor((np.asarray(ids) == IMAGE).astype(np.int64))
+    if mask is not None:
+        kw["attention_mask"] = torch.tensor(mask)
+    if pv is not None:
+        kw["pixel_values"], kw["image_grid_thw"] = torch.tensor(pv), torch.tensor(grid)
+    with torch.no_grad():
+        return hf(**kw).logits.float().numpy()
+
+
+@pytest.mark.parametrize("grids", [[(1, 4, 4)], [(1, 6, 8)], [(1, 8, 6)], [(1, 10, 14)], [(1, 4, 6), (1, 8, 4)]],
+                         ids=["4x4", "6x8", "8x6", "10x14", "two-images"])
+def test_logits_match_hf(pair, grids):
+    _, hf, ours = pair
+    rng = np.random.default_rng(0)
+    ids = np.asarray([_row(rng, grids)])
+    pv, grid = _pixels(rng, grids)
+    want = _hf_logits(hf, ids, pv=pv, grid=grid)
+    got = ours.logits(ids, pv, image_grid_thw=grid)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= TOL
+
+
+def test_text_only_matches_hf(pair):
+    _, hf, ours = pair
+    ids = np.random.default_rng(1).integers(3, 150, size=(2, 11))
+    assert np.abs(ours.logits(ids) - _hf_logits(hf, ids)).max() <= TOL
+
+
+def test_batch_of_two_image_sizes_left_padded(pair):
+    """Rows with images of different sizes, left-padded to one length with an attention mask."""
+    _, hf, ours = pair
+    rng = np.random.default_rng(2)
+    g0, g1 = [(1, 4, 4)], [(1, 6, 8)]
+    r0, r1 = _row(rng, g0), _row(rng, g1)
+    t = max(len(r0), len(r1))
+    ids = np.zeros((2, t), np.int64)
+    mask = np.zeros((2, t), np.int64)
+    for i, r in enumerate((r0, r1)):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    pv, grid = _pixels(rng, g0 + g1)
+    want = _hf_logits(hf, ids, mask, pv, grid)
+    got = ours.logits(ids, pv, mask, image_grid_thw=grid)
+    m = mask.astype(bool)
+    assert np.abs(got[m] - want[m]).max() <= TOL
+
+
+def test_rope_index_matches_hf(pair):
+    from qcache_jax.nn.mrope import rope_index
+
+    _, hf, _ = pair
+    rng = np.random.default_rng(3)
+    grids = [(1, 4, 6), (1, 8, 4), (1, 6, 6)]
+    r0, r1 = _row(rng, grids[:2]), _row(rng, grids[2:], n_text=9)
+    t = max(len(r0), len(r1)) + 2
+    ids = np.zeros((2, t), np.int64)
+    mask = np.zeros((2, t), np.int64)
+    ids[0, : len(r0)], mask[0, : len(r0)] = r0, 1  # right padded
+    ids[1, t - len(r1):], mask[1, t - len(r1):] = r1, 1  # left padded
+    want, delta = hf.model.get_rope_index(torch.tensor(ids), torch.tensor((ids == IMAGE).astype(np.int64)),
+                                          image_grid_thw=torch.tensor(grids), attention_mask=torch.tensor(mask))
+    got, nxt = rope_index(ids, mask.astype(bool), np.asarray(grids), image_token_id=IMAGE, spatial_merge_size=2)
+    m = mask.astype(bool)
+    assert np.array_equal(got[:, m], want.numpy()[:, m])
+    np.testing.assert_array_equal(nxt, (delta.numpy()[:, 0] + m.sum(1)))
+
+
+def test_mismatched_inputs_are_refused(pair):
+    _, _, ours = pair
+    rng = np.random.default_rng(4)
+    ids = np.asarray([_row(rng, [(1, 4, 4)])])
+    pv, grid = _pixels(rng, [(1, 4, 4)])
+    with pytest.raises(QCacheError, match="image tokens"):
+        ours.logits(ids, *_pixels(rng, [(1, 4, 8)])[:1], image_grid_thw=np.asarray([(1, 4, 8)]))
+    with pytest.raises(QCacheError, match="image_grid_thw"):
+        ours.logits(ids, pv)
+    with pytest.raises(QCacheError, match="image_sizes"):
+        ours.logits(ids, pv, image_grid_thw=grid, image_sizes=np.asarray([[8, 8]]))
+    vpv, vgrid = _pixels(rng, [(2, 4, 4)])
+    with pytest.raises(QCacheError, match="video"):
+        ours.logits(np.asarray([_row(rng, [(2, 4, 4)])]), vpv, image_grid_thw=vgrid)
+
+
+# -- Lazy Attention, decode and generate on the family ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lazy_pair(tmp_path_factory):
+    """(HF Qwen2.5-VL, converted) with 6 decoder layers: enough for two lazy blocks."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    cfg = _hf_config("qwen2_5_vl", layers=6)
+    torch.manual_seed(5)
+    hf = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return hf, converted(hf, tmp_path_factory.mktemp("qwen_lazy"))
+
+
+def _batch(rng, grids_per_row):
+    rows = [_row(rng, g) for g in grids_per_row]
+    t = max(len(r) for r in rows)
+    if any(len(r) != t for r in rows):
+        rows = [r + [int(x) for x in rng.integers(3, 150, size=t - len(r))] for r in rows]
+    pv, grid = _pixels(rng, [g for gs in grids_per_row for g in gs])
+    return np.asarray(rows), pv, grid
+
+
+@pytest.mark.parametrize("mode", ["gla", "vla"])
+@pytest.mark.parametrize("spec", ["1", "1-2,4-5", "2-5"])
+def test_lazy_logits_match_numpy_reference(lazy_pair, mode, spec):
+    from lazy_reference import lazy_logits_reference
+
+    hf, qm = lazy_pair
+    ids, pv, grid = _batch(np.random.default_rng(6), [[(1, 4, 6)], [(1, 6, 4)]])
+    lazy = qm.resolve_lazy(spec).lazy
+    ref = lazy_logits_reference(hf, ids, pv, lazy, mode, image_grid_thw=grid)
+    out = qm.logits(ids, pv, lazy=spec, mode=mode, image_grid_thw=grid)
+    assert np.abs(out - ref).max() <= TOL
+    assert np.abs(out - qm.logits(ids, pv, image_grid_thw=grid)).max() > 1e-3  # the schedule matters
+
+
+def _check_decode_vs_forward(qm, ids, pv, grid, lazy, mode, per_row, **kw):
+    """Prefill + decode (M-RoPE prompt positions, then the text positions after them) equal
+    the full forward over prompt + generated tokens at every generated position."""
+    res = qm.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, lazy=lazy, mode=mode, max_new_tokens=6,
+                      return_logits=True, eos_token_id=-1, **kw)
+    first = 0
+    for row in range(ids.shape[0]):
+        gs = per_row[row]
+        n = sum(t * h * w for t, h, w in gs)
+        start = sum(t * h * w for gs2 in per_row[:row] for t, h, w in gs2)
+        full = np.concatenate([ids[row], res.token_ids[row][:-1]])[None]
+        ref = qm.logits(full, pv[start:start + n] if n else None, lazy=lazy, mode=mode,
+                        image_grid_thw=np.asarray(gs) if gs else None)[0, ids.shape[1] - 1:]
+        np.testing.assert_allclose(res.logits[row], ref, atol=TOL, rtol=0)
+        first += len(gs)
+
+
+@pytest.mark.parametrize("lazy,mode", [(None, "vla"), ("1-2,4", "gla"), ("1-2,4", "vla")])
+def test_decode_equals_full_forward_every_position(lazy_pair, lazy, mode):
+    _, qm = lazy_pair
+    per_row = [[(1, 4, 6)], [(1, 6, 8), (1, 4, 4)]]
+    ids, pv, grid = _batch(np.random.default_rng(7), per_row)
+    _check_decode_vs_forward(qm, ids, pv, grid, lazy, mode, per_row)
+
+
+def test_single_prompt_decode_equals_full_forward(lazy_pair):
+    _, qm = lazy_pair
+    per_row = [[(1, 8, 6)]]
+    ids, pv, grid = _batch(np.random.default_rng(8), per_row)
+    _check_decode_vs_forward(qm, ids, pv, grid, "1-3", "vla", per_row)
+
+
+@pytest.mark.parametrize("with_image", [True, False])
+def test_dense_greedy_equals_hf_generate(lazy_pair, with_image):
+    hf, qm = lazy_pair
+    rng = np.random.default_rng(9)
+    if with_image:
+        ids, pv, grid = _batch(rng, [[(1, 6, 8)]])
+    else:
+        ids, pv, grid = rng.integers(3, 150, size=(1, 9)), None, None
+    kw = {"input_ids": torch.tensor(ids), "mm_token_type_ids": torch.tensor((ids == IMAGE).astype(np.int64))}
+    if pv is not None:
+        kw["pixel_values"], kw["image_grid_thw"] = torch.tensor(pv), torch.tensor(grid)
+    with torch.no_grad():
+        ref = hf.generate(**kw, max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ours = qm.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, max_new_tokens=10, eos_token_id=-1)
+    assert ours.token_ids[0] == ref[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("mode", ["gla", "vla"])
+def test_kv_cache_bytes_formula(lazy_pair, mode):
+    """The saving on the real cache arrays: GLA drops a lazy layer's K everywhere, VLA its
+    visual K only (the image-pad positions)."""
+    _, qm = lazy_pair
+    ids, pv, grid = _batch(np.random.default_rng(10), [[(1, 6, 8)]])
+    res = qm.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, lazy="1-3,5", mode=mode, max_new_tokens=4)
+    layout = qm.engine().plan([ids[0].tolist()], [0], schedule=qm.resolve_lazy("1-3,5", mode), max_new_tokens=4).layout
+    share = 1.0 if mode == "gla" else layout.image_len / (layout.image_len + layout.text_len)
+    assert res.kv_cache_bytes / res.dense_kv_cache_bytes == pytest.approx(1 - 4 / (2 * 6) * share, abs=1e-12)
+    assert layout.image_len >= 12  # the 12 merged tokens of a 6x8 patch grid
+
+
+def test_no_recompile_for_new_images_in_bucket(lazy_pair):
+    """Images of other sizes within the same patch and token buckets reuse the compiled plan."""
+    import jax
+
+    _, qm = lazy_pair
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: compiles.append(name) if "backend_compile" in name else None
+    )
+    rng = np.random.default_rng(11)
+    ids, pv, grid = _batch(rng, [[(1, 6, 8)]])
+    qm.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, lazy="1-2", mode="vla", max_new_tokens=5)
+    before = len(compiles)
+    for g in ((1, 8, 6), (1, 4, 10)):
+        ids, pv, grid = _batch(rng, [[g]])
+        qm.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, lazy="1-2", mode="vla", max_new_tokens=5)
+    assert len(compiles) == before, f"recompiled: {compiles[before:]}"
+    assert before > 0
