@@ -127,7 +127,7 @@ class QCacheModel:
 
     def _helper(self, kind: str):
         if self._helpers[kind] is None and self.path is not None and (kind == "tokenizer" or self.config.has_vision):
-            self._helpers[kind] = _load_hf_helper(kind, self.path) or False
+            self._helpers[kind] = _load_hf_helper(kind, self.path, self.config.family) or False
         return self._helpers[kind] or None
 
     @property
@@ -201,7 +201,7 @@ class QCacheModel:
     def check_inputs(self, input_ids, pixel_values=None, attention_mask=None, image_sizes=None, image_grid_thw=None):
         """Validate HF-style inputs; returns them as numpy arrays (LLaVA-NeXT pixel values with
         their ``image_sizes`` as a host :class:`~qcache_jax.nn.anyres.AnyresPixels`; Qwen2-VL
-        pixel values unchanged, checked with their ``image_grid_thw`` by :meth:`qwen_inputs`).
+        pixel values unchanged, checked with their ``image_grid_thw`` by :meth:`model_images`).
         Raises QCacheError naming the problem."""
         cfg = self.config
         ids = _to_numpy(input_ids)
@@ -270,14 +270,20 @@ class QCacheModel:
             )
         return images
 
-    def qwen_inputs(self, ids, pixel_values, mask, image_grid_thw):
-        """Qwen2-VL: (packed pixels or None, M-RoPE positions [3, B, T]) of checked inputs."""
-        from .nn.qwen2_vl import prepare_inputs
+    def model_images(self, input_ids, valid, pixel_values, meta=None):
+        """What the model's passes take for one batch's images, by family: (pixels, RoPE
+        positions or None). ``input_ids`` / ``valid`` [B, T]; ``pixel_values`` and ``meta`` as
+        :meth:`encode` gives them (LLaVA-NeXT: ``image_sizes``, Qwen2-VL: ``image_grid_thw``)."""
+        if self.config.family != "llava":
+            from .nn.qwen2_vl import prepare_inputs
 
-        valid = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
-        pixels, positions, _ = prepare_inputs(self.config, ids, valid, pixel_values,
-                                              None if image_grid_thw is None else _to_numpy(image_grid_thw))
-        return pixels, positions
+            pixels, positions, _ = prepare_inputs(self.config, input_ids, valid, pixel_values, meta)
+            return pixels, positions
+        if pixel_values is not None and self.config.anyres:
+            from .nn import anyres
+
+            return anyres.pack(pixel_values, meta, self.config), None
+        return pixel_values, None
 
     def logits(
         self,
@@ -315,8 +321,9 @@ class QCacheModel:
 
         ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes, image_grid_thw)
         rope_positions = None
-        if self.config.family != "llava":
-            pv, rope_positions = self.qwen_inputs(ids, pv, mask, image_grid_thw)
+        if self.config.family != "llava":  # Qwen2-VL: packed patches and M-RoPE positions
+            valid = np.ones(ids.shape, bool) if mask is None else mask.astype(bool)
+            pv, rope_positions = self.model_images(ids, valid, pv, _to_numpy(image_grid_thw))
         fastv = self.resolve_fastv(fastv_layer, fastv_keep)
         schedule = self.effective_schedule(lazy, mode, fastv)
         if fastv_kept and fastv is None:
@@ -373,7 +380,8 @@ class QCacheModel:
         """Token ids (image tokens expanded) and pixel values for one text prompt and its images,
         through the checkpoint's chat template and HF processor. For a LLaVA-NeXT checkpoint a
         third item: ``image_sizes`` [N, 2] (pixel values are then [N, views, C, H, W], and each
-        image's token count depends on its size)."""
+        image's token count depends on its size); for Qwen2-VL ``image_grid_thw`` [N, 3] (pixel
+        values [N_patches, C*T*P*P])."""
         if isinstance(images, (str, Path)) or hasattr(images, "convert"):
             images = [images]  # one image given alone, not a list of them
         images = [open_image(im) for im in images]
@@ -427,9 +435,11 @@ class QCacheModel:
                 raise QCacheError(f"{self.path}: checkpoint has no image processor, so it cannot take images")
             enc = self.processor(images=images, text=[text], return_tensors="np")
             ids, pv = enc["input_ids"][0].tolist(), enc["pixel_values"].astype(np.float32)
+            if self.config.family != "llava":
+                return ids, pv, np.asarray(enc["image_grid_thw"])
             return (ids, pv, np.asarray(enc["image_sizes"])) if self.config.anyres else (ids, pv)
         ids = self._tokenizer()(text)["input_ids"]
-        return (ids, None, None) if self.config.anyres else (ids, None)
+        return (ids, None, None) if self.config.anyres or self.config.family != "llava" else (ids, None)
 
     def _image_token_text(self) -> str:
         tok = self._tokenizer()
@@ -609,14 +619,22 @@ class QCacheModel:
         from .nn.qwen2_vl import prepare_inputs
 
         if prompt is not None:
-            if images and (not isinstance(images, (list, tuple)) or len(images)):
-                raise QCacheError("Qwen2-VL prompts with images are not supported yet: pass input_ids, pixel_values "
-                                  "and image_grid_thw from the checkpoint's processor")
-            batch = [prompt] if isinstance(prompt, str) else list(prompt)
+            single = isinstance(prompt, str)
+            batch = [prompt] if single else list(prompt)
             if not batch:
                 raise QCacheError("empty prompt list")
-            rows = [self.encode(p, (), raw=raw)[0] for p in batch]
-            pv = grid = None
+            per_row = [images] if single else ([x for x in images] if images else [[] for _ in batch])
+            if len(per_row) != len(batch):
+                raise QCacheError(f"{len(batch)} prompts but {len(per_row)} image lists")
+            rows, pvs, grids = [], [], []
+            for p, ims in zip(batch, per_row):
+                ids, row_pv, row_grid = self.encode(p, ims, raw=raw)
+                rows.append(ids)
+                if row_pv is not None:
+                    pvs.append(row_pv)
+                    grids.append(row_grid)
+            pv = np.concatenate(pvs) if pvs else None
+            grid = np.concatenate(grids) if grids else None
         else:
             ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes, image_grid_thw)
             mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
@@ -730,9 +748,13 @@ class GenerateResult:
         return d
 
 
-def _load_hf_helper(kind: str, path: Path):
-    """The tokenizer or processor saved with the checkpoint, or None when it has none."""
+def _load_hf_helper(kind: str, path: Path, family: str = "llava"):
+    """The tokenizer or processor saved with the checkpoint, or None when it has none (for
+    Qwen2-VL the processor is :class:`~qcache_jax.io.qwen_processor.QwenImageProcessor`: images
+    without transformers' video half)."""
     import transformers
+
+    from .io.qwen_processor import QwenImageProcessor
 
     names = {
         "tokenizer": ("tokenizer.json", "tokenizer.model", "vocab.json"),
@@ -741,6 +763,8 @@ def _load_hf_helper(kind: str, path: Path):
     if not any((path / n).is_file() for n in names[kind]):
         return None
     cls = transformers.AutoTokenizer if kind == "tokenizer" else transformers.AutoProcessor
+    if kind == "processor" and family != "llava":
+        cls = QwenImageProcessor
     try:
         return cls.from_pretrained(str(path))
     except Exception as e:  # a broken tokenizer must not block logits; say why it is missing

@@ -16,10 +16,10 @@ IMAGE, VIDEO, START, END = 151, 152, 153, 154
 TOL = 1e-4  # float32 logits, max abs difference
 
 
-def _hf_config(family: str, layers: int = 4):
+def _hf_config(family: str, layers: int = 4, vocab: int = VOCAB):
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+    text = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
                 num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
                 bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -34,12 +34,12 @@ def _hf_config(family: str, layers: int = 4):
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
 
 
-def _hf_model(family: str, seed: int = 0):
+def _hf_model(family: str, seed: int = 0, vocab: int = VOCAB):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
     cls = Qwen2VLForConditionalGeneration if family == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    model = cls(_hf_config(family)).eval()
+    model = cls(_hf_config(family, vocab=vocab)).eval()
     with torch.no_grad():  # random init leaves some biases/norms at 0/1: perturb all so every tensor matters
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -269,3 +269,172 @@ def test_no_recompile_for_new_images_in_bucket(lazy_pair):
         qm.generate(input_ids=ids, pixel_values=pv, image_grid_thw=grid, lazy="1-2", mode="vla", max_new_tokens=5)
     assert len(compiles) == before, f"recompiled: {compiles[before:]}"
     assert before > 0
+
+
+# -- conversion and export ---------------------------------------------------------------------
+
+
+def _hub_layout(sd: dict) -> dict:
+    """The names the Qwen2-VL checkpoints on the Hub use (saved before transformers 4.52):
+    model.layers.*, model.embed_tokens, model.norm, visual.*, lm_head."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("model.language_model."):
+            k = "model." + k[len("model.language_model."):]
+        elif k.startswith("model.visual."):
+            k = k[len("model."):]
+        out[k] = v
+    return out
+
+
+def test_convert_hub_layout_and_refuse_mismatch(pair, tmp_path):
+    from tiny_models import write_state_dict
+
+    from qcache_jax import convert_hf, load
+
+    family, hf, ours = pair
+    src = tmp_path / "hub"
+    hf.config.save_pretrained(str(src))
+    sd = {k: v.detach().clone().contiguous() for k, v in hf.state_dict().items()}
+    write_state_dict(_hub_layout(sd), src, "safetensors")
+    qm = load(convert_hf(src, tmp_path / "ckpt", progress=False))
+    rng = np.random.default_rng(12)
+    ids = np.asarray([_row(rng, [(1, 6, 4)])])
+    pv, grid = _pixels(rng, [(1, 6, 4)])
+    np.testing.assert_array_equal(qm.logits(ids, pv, image_grid_thw=grid), ours.logits(ids, pv, image_grid_thw=grid))
+    # strict: a missing vision tensor and a misshapen merger are both named
+    bad = _hub_layout(sd)
+    del bad["visual.blocks.0.attn.qkv.weight"]
+    bad["visual.merger.mlp.2.bias"] = torch.zeros(3)
+    write_state_dict(bad, src, "safetensors")
+    with pytest.raises(QCacheError, match=r"missing \(1\): visual.blocks.0.attn.qkv.weight.*misshapen"):
+        convert_hf(src, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_config_round_trip(pair):
+    from qcache_jax.io.hf_config import from_hf_config, to_hf_config
+
+    _, hf, ours = pair
+    assert from_hf_config(to_hf_config(ours.config), dtype="float32") == ours.config
+    assert from_hf_config(hf.config) == ours.config
+
+
+def test_export_loads_in_transformers_with_equal_logits(pair, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from qcache_jax.io.export import export_hf
+
+    family, hf, ours = pair
+    out = export_hf(ours.path, tmp_path / "exported")
+    back = AutoModelForImageTextToText.from_pretrained(str(out)).eval()
+    assert type(back) is type(hf)
+    rng = np.random.default_rng(13)
+    grids = [(1, 4, 6), (1, 8, 8)]
+    ids = np.asarray([_row(rng, grids)])
+    pv, grid = _pixels(rng, grids)
+    assert np.abs(_hf_logits(back, ids, pv=pv, grid=grid) - ours.logits(ids, pv, image_grid_thw=grid)).max() <= TOL
+
+
+# -- the processor glue: prompts with images, calibrate, eval ----------------------------------
+
+SPECIAL = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %} <|vision_start|><|image_pad|><|vision_end|> "
+    "{% else %} {{ c['text'] }}{% endif %}{% endfor %}{% endif %} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+def _tokenizer():
+    """A word-level tokenizer whose specials sit at the tiny config's ids (image pad = 151)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(147)]
+    vocab = {w: i for i, w in enumerate(words + SPECIAL + ["user", "assistant", "what", "shape"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.add_special_tokens({"additional_special_tokens": SPECIAL})
+    fast.chat_template = TEMPLATE
+    assert fast.convert_tokens_to_ids("<|image_pad|>") == IMAGE
+    return fast
+
+
+def _image_processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=16 * 16, max_pixels=40 * 40, patch_size=4, temporal_patch_size=2,
+                                    merge_size=2)
+
+
+@pytest.fixture(scope="module")
+def with_processor(tmp_path_factory):
+    """A converted Qwen2-VL checkpoint carrying a tokenizer, chat template and image processor,
+    and two pictures of different sizes."""
+    from PIL import Image
+
+    from qcache_jax import convert_hf, load
+
+    d = tmp_path_factory.mktemp("qwen_proc")
+    hf = _hf_model("qwen2_vl", seed=3, vocab=168)
+    hf.save_pretrained(str(d / "hf"))
+    _tokenizer().save_pretrained(str(d / "hf"))
+    _image_processor().save_pretrained(str(d / "hf"))
+    rng = np.random.default_rng(14)
+    pics = []
+    for i, (h, w) in enumerate(((30, 45), (44, 24))):
+        pics.append(d / f"pic{i}.png")
+        Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)).save(pics[-1])
+    return hf, load(convert_hf(d / "hf", d / "ckpt", progress=False)), pics
+
+
+def test_encode_expands_image_pads_like_the_processor(with_processor):
+    from PIL import Image
+
+    _, qm, pics = with_processor
+    ids, pv, grid = qm.encode("what shape", [pics[0], pics[1]])
+    want = _image_processor()(images=[Image.open(p).convert("RGB") for p in pics], return_tensors="np")
+    np.testing.assert_array_equal(grid, want["image_grid_thw"])
+    np.testing.assert_array_equal(pv, want["pixel_values"])
+    text = qm.chat_text([{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                      {"type": "text", "text": "what shape"}]}])
+    first, second = (int(np.prod(g)) // 4 for g in grid)
+    expanded = text.replace("<|image_pad|>", "<|image_pad|>" * first, 1)
+    head, tail = expanded.rsplit("<|image_pad|><|vision_end|>", 1)
+    expanded = head + "<|image_pad|>" * second + "<|vision_end|>" + tail
+    assert ids == _tokenizer()(expanded)["input_ids"]
+    assert ids.count(IMAGE) == first + second and grid.shape == (2, 3)
+
+
+def test_prompt_generate_equals_input_ids_generate(with_processor):
+    _, qm, pics = with_processor
+    ids, pv, grid = qm.encode("what shape", [pics[0]])
+    a = qm.generate("what shape", [pics[0]], max_new_tokens=5, eos_token_id=-1, lazy="1-2", mode="vla")
+    b = qm.generate(input_ids=np.asarray([ids]), pixel_values=pv, image_grid_thw=grid, max_new_tokens=5,
+                    eos_token_id=-1, lazy="1-2", mode="vla")
+    assert a.token_ids == b.token_ids and a.prompt_token_ids == [ids]
+    batch = qm.generate(["what shape", "what shape"], [[pics[0]], [pics[1]]], max_new_tokens=5, eos_token_id=-1)
+    alone = qm.generate("what shape", [pics[1]], max_new_tokens=5, eos_token_id=-1)
+    assert batch.token_ids[1] == alone.token_ids[0]
+
+
+def test_calibrate_and_eval_run(with_processor, tmp_path):
+    import json
+
+    from qcache_jax.tools.calibrate import calibrate
+    from qcache_jax.tools.evaluate import evaluate
+
+    _, qm, pics = with_processor
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"image": str(p), "prompt": "what shape", "question": "what shape",
+                                        "answer": "w3"}) + "\n" for p in pics))
+    res = calibrate(qm, data, lazy_fraction=0.5, out=tmp_path / "schedule.json", progress=False)
+    assert (tmp_path / "schedule.json").is_file() and len(res.schedule.lazy) == 4
+    assert np.isfinite(res.divergence["vla"].pairwise).all() and res.divergence["vla"].pairwise.max() > 0
+    ev = evaluate(qm, data, lazy=res.schedule, max_new_tokens=3, batch_size=2)
+    assert ev.n == 2 and 0.0 <= ev.accuracy <= 1.0

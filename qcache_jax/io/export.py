@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from .._files import atomic_output_dir, current_umask
-from ..config import LlavaConfig
 from ..errors import QCacheError
 from ..lazy.schedule import format_layers
 from .checkpoint import HF_CONFIG_FILE, SIDE_FILES, load_params, read_config, read_pruned
@@ -29,9 +28,9 @@ from .hf_config import from_hf_config, to_hf_config
 from .names import export_name, key_path, param_name, to_hf
 
 
-def hf_tensors(cfg: LlavaConfig, params) -> dict[str, np.ndarray]:
+def hf_tensors(cfg, params) -> dict[str, np.ndarray]:
     """HF state-dict name -> numpy array (contiguous, the checkpoint's dtype)."""
-    kind = "llava" if cfg.has_vision else "causal_lm"
+    kind = "qwen2_vl" if cfg.family != "llava" else ("llava" if cfg.has_vision else "causal_lm")
     out = {}
     for kp, value in jax.tree_util.tree_flatten_with_path(params)[0]:
         name, transform = param_name(key_path(kp))
@@ -39,7 +38,7 @@ def hf_tensors(cfg: LlavaConfig, params) -> dict[str, np.ndarray]:
     return out
 
 
-def _hf_config(ckpt: Path, cfg: LlavaConfig):
+def _hf_config(ckpt: Path, cfg):
     """The kept original HF config when it still describes ``cfg``, else one rebuilt from ``cfg``."""
     from transformers import AutoConfig
 
@@ -76,7 +75,7 @@ def export_hf(ckpt, hf_dir, *, force: bool = False) -> Path:
 
     ``hf_dir`` must not exist unless ``force``. Returns its path. The result loads with
     ``LlavaForConditionalGeneration.from_pretrained(hf_dir)`` (a text-only checkpoint with
-    ``AutoModelForCausalLM``), and ``AutoProcessor`` when the checkpoint has processor files,
+    ``AutoModelForCausalLM``, a Qwen2-VL one with its ``*ForConditionalGeneration``), and ``AutoProcessor`` when the checkpoint has processor files,
     and computes the same logits as the checkpoint.
     """
     ckpt = Path(ckpt).expanduser()

@@ -177,6 +177,7 @@ def qwen_config_from_hf(hf, dtype: str = "float32") -> QwenVLConfig:
         ids[name] = None if v is None else int(v)
     if ids["image_token_id"] is None:
         raise QCacheError("the Qwen2-VL config has no image_token_id")
+    _check_act(hf.vision_config.hidden_act, "the vision MLP")
     return QwenVLConfig(family=hf.model_type, vision=vision_config_from_hf(hf.vision_config, hf.model_type),
                         text=text, dtype=dtype, **ids)
 
@@ -239,12 +240,48 @@ def to_hf_text_config(t: TextConfig, **extra):
     return AutoConfig.for_model(t.model_type, **kw)
 
 
-def to_hf_config(cfg: LlavaConfig, *, text_extra: dict | None = None, vision_extra: dict | None = None):
+def to_hf_qwen_config(cfg: QwenVLConfig, *, text_extra: dict | None = None, vision_extra: dict | None = None):
+    """A transformers ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` describing ``cfg``."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    t, v = cfg.text, cfg.vision
+    if t.rope.rope_type != "default" or t.o_bias or t.mlp_bias or not t.qkv_bias:
+        raise QCacheError("this text model cannot be expressed as a Qwen2-VL config (rope scaling or biases)")
+    eos = list(t.eos_token_id) if len(t.eos_token_id) > 1 else (t.eos_token_id[0] if t.eos_token_id else None)
+    text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
+                hidden_act=t.hidden_act, tie_word_embeddings=t.tie_word_embeddings, bos_token_id=t.bos_token_id,
+                eos_token_id=eos, pad_token_id=t.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": t.rope.theta,
+                                 "mrope_section": list(t.rope.mrope_section)}, **(text_extra or {}))
+    vision = dict(depth=v.depth, num_heads=v.num_heads, patch_size=v.patch_size,
+                  temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                  in_channels=v.in_channels, hidden_act=v.hidden_act,
+                  rope_parameters={"rope_type": "axial", "rope_theta": v.rope_theta}, **(vision_extra or {}))
+    if cfg.family == "qwen2_vl":
+        if v.intermediate_size % v.embed_dim:
+            raise QCacheError("a Qwen2-VL vision MLP width must be a whole multiple of its embed_dim (mlp_ratio)")
+        vision.update(embed_dim=v.embed_dim, hidden_size=v.out_hidden_size, mlp_ratio=v.intermediate_size // v.embed_dim)
+        cls = Qwen2VLConfig
+    else:
+        vision.update(hidden_size=v.embed_dim, out_hidden_size=v.out_hidden_size, intermediate_size=v.intermediate_size,
+                      window_size=v.window_size, fullatt_block_indexes=list(v.fullatt_block_indexes))
+        cls = Qwen2_5_VLConfig
+    return cls(text_config=text, vision_config=vision, image_token_id=cfg.image_token_id,
+               video_token_id=cfg.video_token_id, vision_start_token_id=cfg.vision_start_token_id,
+               vision_end_token_id=cfg.vision_end_token_id, tie_word_embeddings=t.tie_word_embeddings)
+
+
+def to_hf_config(cfg, *, text_extra: dict | None = None, vision_extra: dict | None = None):
     """A transformers ``LlavaConfig`` (``LlavaNextConfig`` for LLaVA-NeXT; a text config for a
-    text-only model) describing ``cfg``;
+    text-only model; ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig`` for that family) describing ``cfg``;
     the inverse of :func:`from_hf_config`. ``text_extra`` / ``vision_extra``: HF-only fields
     of the sub-configs (``initializer_range``, ...)."""
     from transformers import CLIPVisionConfig, LlavaConfig as HFLlavaConfig, LlavaNextConfig
+
+    if cfg.family != "llava":
+        return to_hf_qwen_config(cfg, text_extra=text_extra, vision_extra=vision_extra)
 
     text = to_hf_text_config(cfg.text, **(text_extra or {}))
     if cfg.vision is None:

@@ -114,11 +114,13 @@ def logits_fn(graphdef, params, input_ids, pixel_values, attention_mask, lazy, *
     return out
 
 
-def attention_probe(model, input_ids, pixel_values, valid, rows, *, loop="scan", impl="auto", mesh=None):
+def attention_probe(model, input_ids, pixel_values, valid, rows, *, loop="scan", impl="auto", mesh=None,
+                    rope_positions=None):
     """Dense pass that returns every layer's attention probabilities of the query rows ``rows``
-    [R]: [L, B, Hq, R, T] float32 (only those R rows of softmax(q K^T) are computed)."""
+    [R]: [L, B, Hq, R, T] float32 (only those R rows of softmax(q K^T) are computed).
+    ``rope_positions``: the family's, as :func:`hidden_states` takes them."""
     h = model.embed(input_ids, pixel_values, loop=loop)
-    ctx = _sequence_pass(model, input_ids, valid, probe_rows=rows)
+    ctx = _sequence_pass(model, input_ids, valid, probe_rows=rows, rope_positions=rope_positions)
     dense = Schedule.dense(model.cfg.text.num_layers)
     attn = LazyAttention(impl=impl, mesh=mesh)
     out = run_layers(model.layers, h, ctx, attn=attn, lazy=dense, cfg=model.cfg.text, loop=loop)

@@ -156,11 +156,13 @@ def _pairwise(p, weight):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
-def _sample_divergences(graphdef, params, input_ids, pixel_values, valid, rows, weight, mesh=None):
+def _sample_divergences(graphdef, params, input_ids, pixel_values, valid, rows, weight, mesh=None, rope_positions=None):
     """{"gla": whole rows, "vla": image part renormalised} -> pairwise JSD for one sample (B=1).
-    ``mesh``: the model's device mesh (attention per shard), or None."""
+    ``mesh``: the model's device mesh (attention per shard), or None; ``rope_positions``: the
+    family's (Qwen2-VL's M-RoPE), or None."""
     model = nnx.merge(graphdef, params)
-    probs = attention_probe(model, input_ids, pixel_values, valid, rows, mesh=mesh)[:, 0].transpose(0, 2, 1, 3)
+    probs = attention_probe(model, input_ids, pixel_values, valid, rows, mesh=mesh,
+                            rope_positions=rope_positions)[:, 0].transpose(0, 2, 1, 3)
     vis = input_ids[0] == model.cfg.image_token_id
     image = jnp.where(vis, probs, 0.0)
     mass = image.sum(-1, keepdims=True)
@@ -223,10 +225,11 @@ def collect_divergences(
     image_token_id = model.config.image_token_id
     per_sample = []
     for s in tqdm(samples, desc="calibrating", unit="sample", disable=not progress):
-        ids, pixel_values = model.encode(s.prompt, [s.image])
+        ids, pixel_values, *meta = model.encode(s.prompt, [s.image])  # LLaVA-NeXT, Qwen2-VL: + sizes / grids
         input_ids, valid, row_idx, weight = _padded_inputs(ids, image_token_id, rows)
-        out = _sample_divergences(model.graphdef, model.params, input_ids, pixel_values, valid, row_idx, weight,
-                                  mesh=getattr(model, "mesh", None))
+        pixels, rope = model.model_images(input_ids, valid, pixel_values, *meta)
+        out = _sample_divergences(model.graphdef, model.params, input_ids, pixels, valid, row_idx, weight,
+                                  mesh=getattr(model, "mesh", None), rope_positions=rope)
         per_sample.append(jax.device_get(out))
     return {
         part: Divergence(*(np.stack([d[part][k] for d in per_sample]) for k in ("heads", "averaged")))
