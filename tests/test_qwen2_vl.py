@@ -438,3 +438,41 @@ def test_calibrate_and_eval_run(with_processor, tmp_path):
     assert np.isfinite(res.divergence["vla"].pairwise).all() and res.divergence["vla"].pairwise.max() > 0
     ev = evaluate(qm, data, lazy=res.schedule, max_new_tokens=3, batch_size=2)
     assert ev.n == 2 and 0.0 <= ev.accuracy <= 1.0
+
+
+def test_device_mesh_equals_one_device():
+    """Qwen2.5-VL on meshes of 4 CPU devices (a subprocess): the decoder sharded as for LLaVA,
+    the tower replicated; logits and greedy tokens equal one device's."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(here / "qwen_mesh_check.py")], env=env, cwd=here.parent,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(res) == {"data=2,model=2", "model=4", "data=4"}
+    for mesh, r in res.items():
+        assert r["same_tokens"], mesh
+        assert r["logits_diff"] <= TOL, (mesh, r)
+
+
+def test_bench_inputs_and_presets(pair):
+    """``qcache bench``'s synthetic Qwen inputs (one image of a chosen token count per row) run
+    through generate, and the Qwen2.5-VL-7B preset has the real model's size."""
+    from qcache_jax.nn.families import abstract_model
+    from qcache_jax.tools import bench
+
+    _, _, ours = pair
+    inputs = bench.bench_inputs(ours.config, batch=2, prompt_tokens=5, image_tokens=12)
+    assert inputs["image_grid_thw"].tolist() == [[1, 6, 8], [1, 6, 8]]
+    assert ((inputs["input_ids"] == IMAGE).sum(1) == 12).all()
+    res = ours.generate(**inputs, max_new_tokens=3, eos_token_id=-1)
+    assert [len(t) for t in res.token_ids] == [3, 3]
+    n, _ = bench.count_params(abstract_model(bench.preset_config("qwen2.5-vl-7b"))[1])
+    assert 8.25e9 < n < 8.35e9  # Qwen2.5-VL-7B-Instruct: 8.29B parameters
+    assert bench.default_image_tokens(bench.preset_config("qwen-cpu")) == 256

@@ -40,7 +40,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import LlavaConfig, RopeConfig, TextConfig, VisionConfig
+from ..config import LlavaConfig, QwenVisionConfig, QwenVLConfig, RopeConfig, TextConfig, VisionConfig
 from ..errors import QCacheError
 from ..io.gguf import smollm2_gguf
 
@@ -57,7 +57,10 @@ _LLAVA_IMAGE_TOKEN = 32000
 NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 NEXT_PRESETS = ("next-cpu", "tiny-next", "llava-next-7b")  # LLaVA-NeXT (anyres) presets
-RANDOM_PRESETS = ("cpu-300m", "tiny", "tiny-text", "llava-1.5-7b") + NEXT_PRESETS
+QWEN_PRESETS = ("qwen-cpu", "qwen2.5-vl-7b")  # Qwen2.5-VL: native-resolution images, M-RoPE
+RANDOM_PRESETS = ("cpu-300m", "tiny", "tiny-text", "llava-1.5-7b") + NEXT_PRESETS + QWEN_PRESETS
+# A Qwen preset's default benchmark image: 448x448 px = 32x32 patches of 14 = 256 visual tokens.
+QWEN_DEFAULT_IMAGE = (448, 448)
 PRESETS = RANDOM_PRESETS + ("smollm2-135m",)
 # Bump when the files prepare() writes change, so stale caches are rebuilt.
 _CACHE_VERSION = 1
@@ -83,6 +86,8 @@ def preset_config(name: str, *, num_layers: int | None = None, dtype: str = "flo
     learned ``image_newline``: ``next-cpu`` is ``cpu-300m``'s, ``llava-next-7b``
     ``llava-1.5-7b``'s (llava-v1.6-vicuna-7b: the same Vicuna-7B and CLIP-L/336 sizes) and
     ``tiny-next`` ``tiny``'s."""
+    if name in QWEN_PRESETS:
+        return qwen_preset_config(name, num_layers=num_layers, dtype=dtype)
     if name in ("llava-1.5-7b", "llava-next-7b"):
         text = _text(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
         vision = VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
@@ -117,6 +122,43 @@ def preset_config(name: str, *, num_layers: int | None = None, dtype: str = "flo
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default", dtype=dtype,
         image_grid_pinpoints=pinpoints,
     )
+
+
+def qwen_preset_config(name: str, *, num_layers: int | None = None, dtype: str = "float32") -> QwenVLConfig:
+    """``qwen2.5-vl-7b``: Qwen2.5-VL-7B-Instruct's sizes (Qwen2-7B decoder with M-RoPE sections
+    16/24/24, the 32-block window-attention tower, its token ids); ``qwen-cpu``: the same family
+    at cpu-300m's decoder width, a 4-block tower and a 32k vocabulary."""
+    if name == "qwen2.5-vl-7b":
+        text = _text(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+                     num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, max_position_embeddings=128000,
+                     rope=RopeConfig(theta=1000000.0, mrope_section=(16, 24, 24)), qkv_bias=True,
+                     model_type="qwen2_5_vl_text", bos_token_id=151643, eos_token_id=(151645,), pad_token_id=151643)
+        vision = QwenVisionConfig(variant="qwen2_5_vl", depth=32, embed_dim=1280, out_hidden_size=3584, num_heads=16,
+                                  intermediate_size=3420, hidden_act="silu", window_size=112,
+                                  fullatt_block_indexes=(7, 15, 23, 31))
+        ids = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                   vision_end_token_id=151653)
+    else:
+        text = _text(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_layers=16, num_heads=16,
+                     num_kv_heads=4, head_dim=64, rope=RopeConfig(theta=1000000.0, mrope_section=(8, 12, 12)),
+                     qkv_bias=True, model_type="qwen2_5_vl_text")
+        vision = QwenVisionConfig(variant="qwen2_5_vl", depth=4, embed_dim=512, out_hidden_size=1024, num_heads=8,
+                                  intermediate_size=1024, hidden_act="silu", window_size=112,
+                                  fullatt_block_indexes=(1, 3))
+        ids = dict(image_token_id=31990, video_token_id=31991, vision_start_token_id=31992, vision_end_token_id=31993)
+    if num_layers is not None:
+        if num_layers < 1:
+            raise QCacheError(f"num_layers must be >= 1, got {num_layers}")
+        text = dataclasses.replace(text, num_layers=num_layers)
+    return QwenVLConfig(family="qwen2_5_vl", vision=vision, text=text, dtype=dtype, **ids)
+
+
+def qwen_grid(cfg: QwenVLConfig, image_tokens: int) -> tuple[int, int, int]:
+    """The patch grid (t, h, w) of a Qwen image of exactly ``image_tokens`` visual tokens, as
+    square as that count allows (h / m * w / m = image_tokens for the merge size m)."""
+    m = cfg.vision.spatial_merge_size
+    a = max(d for d in range(1, int(image_tokens**0.5) + 1) if image_tokens % d == 0)
+    return 1, m * a, m * (image_tokens // a)
 
 
 def parse_random(spec: str) -> tuple[str, int | None]:
@@ -237,6 +279,9 @@ def default_image_tokens(cfg: LlavaConfig) -> int:
     0 for a text-only model."""
     if not cfg.has_vision:
         return 0
+    if cfg.family != "llava":
+        patch = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+        return (QWEN_DEFAULT_IMAGE[0] // patch) * (QWEN_DEFAULT_IMAGE[1] // patch)
     if cfg.anyres:
         from ..nn import anyres
 
@@ -248,10 +293,12 @@ def image_size_for(cfg: LlavaConfig, image_tokens: int) -> tuple[int, int] | Non
     """Check ``image_tokens`` per row for ``cfg``; for LLaVA-NeXT the image size giving it (None
     otherwise, and for 0). QCacheError (one line, naming ``--image-tokens``) when impossible."""
     per = cfg.image_tokens_per_image
-    if image_tokens and not per:
+    if image_tokens and not cfg.has_vision:
         raise QCacheError("this model is text-only: --image-tokens must be 0")
     if image_tokens < 0:
         raise QCacheError(f"--image-tokens must be >= 0, got {image_tokens}")
+    if cfg.family != "llava":  # Qwen2-VL: any count is one image of qwen_grid's patches
+        return None
     if cfg.anyres:
         return next_image_size(cfg, image_tokens) if image_tokens else None
     if per and image_tokens % per:
@@ -290,6 +337,11 @@ def bench_inputs(cfg: LlavaConfig, *, batch: int, prompt_tokens: int, image_toke
     if not image_tokens:
         return out
     v = cfg.vision
+    if cfg.family != "llava":  # one image per row of qwen_grid's patches
+        grid = qwen_grid(cfg, image_tokens)
+        out["pixel_values"] = rng.standard_normal((batch * int(np.prod(grid)), v.patch_dim)).astype(np.float32)
+        out["image_grid_thw"] = np.tile(np.array([grid], np.int64), (batch, 1))
+        return out
     chw = (v.num_channels, v.image_size, v.image_size)
     if cfg.anyres:
         from ..nn import anyres
@@ -307,8 +359,8 @@ def make_inputs(cfg: LlavaConfig, *, batch: int, prompt_tokens: int, image_token
     """:func:`bench_inputs` as ``(input_ids [B, T], pixel_values [N, C, H, W] or None)``, for
     LLaVA-1.5 and text-only models (LLaVA-NeXT inputs need their ``image_sizes``: use
     :func:`bench_inputs`)."""
-    if cfg.anyres and image_tokens:
-        raise QCacheError("LLaVA-NeXT inputs need image_sizes: use bench_inputs()")
+    if (cfg.anyres or cfg.family != "llava") and image_tokens:
+        raise QCacheError("LLaVA-NeXT and Qwen2-VL inputs need image_sizes / image_grid_thw: use bench_inputs()")
     inputs = bench_inputs(cfg, batch=batch, prompt_tokens=prompt_tokens, image_tokens=image_tokens, seed=seed)
     return inputs["input_ids"], inputs["pixel_values"]
 
@@ -924,11 +976,14 @@ def next_13b_config(dtype: str = "bfloat16") -> LlavaConfig:
     return dataclasses.replace(base, text=text)
 
 
+QWEN_SCALING_IMAGE_TOKENS = 1024  # Qwen2.5-VL-7B in the per-device table: an 896x896 image
+
+
 def mesh_scaling(*, batch: int = 8, text_tokens: int = 1024, lazy_fraction: float = 0.5,
                  dtype: str = "bfloat16") -> dict:
     """Bytes per device of the parameters and of the KV cache, dense vs GLA vs VLA, for
-    LLaVA-1.5-7B (one 336 px image: 576 image tokens per row) and LLaVA-NeXT-13B (one 672x672
-    image: base view + 2x2 tiles) at each shape of :data:`SCALING_MESHES`. ``batch`` rows of
+    LLaVA-1.5-7B (one 336 px image: 576 image tokens per row), LLaVA-NeXT-13B (one 672x672
+    image: base view + 2x2 tiles) and Qwen2.5-VL-7B (one 896x896 image: 1024 visual tokens) at each shape of :data:`SCALING_MESHES`. ``batch`` rows of
     image tokens + ``text_tokens`` (prompt text and generated tokens) each.
 
     Computed, not measured: the parameter tree from ``jax.eval_shape`` of the model, the cache
@@ -942,11 +997,13 @@ def mesh_scaling(*, batch: int = 8, text_tokens: int = 1024, lazy_fraction: floa
     from ..nn.families import abstract_model
     from ..runtime import mesh as m
 
-    models = [("LLaVA-1.5-7B", preset_config("llava-1.5-7b", dtype=dtype), None),
-              ("LLaVA-NeXT-13B", next_13b_config(dtype), (672, 672))]
+    # (name, config, image tokens of its one image per row)
+    next13 = next_13b_config(dtype)
+    models = [("LLaVA-1.5-7B", preset_config("llava-1.5-7b", dtype=dtype), 576),
+              ("LLaVA-NeXT-13B", next13, anyres.image_token_count((672, 672), next13)),
+              ("Qwen2.5-VL-7B", preset_config("qwen2.5-vl-7b", dtype=dtype), QWEN_SCALING_IMAGE_TOKENS)]
     rows = []
-    for name, cfg, size in models:
-        image_len = anyres.image_token_count(size, cfg) if size else cfg.image_tokens_per_image
+    for name, cfg, image_len in models:
         _, params = abstract_model(cfg)
         schedules = {"dense": lazy_schedule(cfg.text.num_layers, 0.0),
                      "gla": lazy_schedule(cfg.text.num_layers, lazy_fraction, "gla"),
