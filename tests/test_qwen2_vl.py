@@ -476,3 +476,27 @@ def test_bench_inputs_and_presets(pair):
     n, _ = bench.count_params(abstract_model(bench.preset_config("qwen2.5-vl-7b"))[1])
     assert 8.25e9 < n < 8.35e9  # Qwen2.5-VL-7B-Instruct: 8.29B parameters
     assert bench.default_image_tokens(bench.preset_config("qwen-cpu")) == 256
+
+
+def test_bench_refuses_a_model_larger_than_memory(monkeypatch):
+    from qcache_jax.tools import bench
+
+    monkeypatch.setattr(bench, "_meminfo", lambda field: 2**30)  # 1 GiB available
+    with pytest.raises(QCacheError, match=r"weights alone take 30\.9 GiB"):
+        bench.check_fits_memory(bench.preset_config("qwen2.5-vl-7b"), "random:qwen2.5-vl-7b")
+    bench.check_fits_memory(bench.preset_config("tiny"), "random:tiny")  # 1 GiB holds it
+
+
+def test_cli_generate_with_an_image(with_processor, capsys):
+    import json
+
+    from qcache_jax.cli import main
+
+    _, qm, pics = with_processor
+    rc = main(["generate", str(qm.path), "--prompt", "what shape", "--image", str(pics[1]), "--lazy", "1-2",
+               "--mode", "vla", "--max-new-tokens", "3", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(out["token_ids"]) == 3 and out["kv_cache_bytes"] < out["dense_kv_cache_bytes"]
+    assert out["prompt_token_ids"].count(IMAGE) == int(np.prod(qm.encode("x", [pics[1]])[2])) // 4
+    rc = main(["generate", str(qm.path), "--prompt", "what shape", "--raw", "--image", str(pics[1])])
+    assert rc == 2 and "placeholder" in capsys.readouterr().err

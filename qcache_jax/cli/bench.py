@@ -2,9 +2,14 @@
 
 CKPT is a checkpoint directory, or random:PRESET[:LAYERS] for a model with random weights
 built on the spot (presets: cpu-300m, tiny, tiny-text, llava-1.5-7b; LLaVA-NeXT: next-cpu,
-tiny-next, llava-next-7b). The inputs are synthetic: per row BOS, --image-tokens image tokens
-(whole images, random pixels) and --prompt-tokens random text tokens; EOS is disabled, so
-every row generates --new-tokens tokens.
+tiny-next, llava-next-7b; Qwen2.5-VL: qwen-cpu, qwen2.5-vl-7b). The inputs are synthetic: per
+row BOS, --image-tokens image tokens (whole images, random pixels) and --prompt-tokens random
+text tokens; EOS is disabled, so every row generates --new-tokens tokens. A model whose weights
+alone exceed the memory available is refused before anything is built.
+
+Qwen2.5-VL (the Qwen presets, or a Qwen2-VL checkpoint) gets one image per row of exactly
+--image-tokens visual tokens (default 256: a 448x448 image), its patch grid as square as that
+count allows.
 
 The model runs in a worker process pinned to --threads CPUs. With a lazy schedule
 dense runs too, in alternating rounds: lazy/dense is the ratio of the median decode
@@ -84,6 +89,7 @@ def run_bench(args) -> int:
     cfg, model_arg, ckpt_dir = bench_config(args.ckpt)
     image_tokens = bench.default_image_tokens(cfg) if args.image_tokens is None else args.image_tokens
     image_size = bench.image_size_for(cfg, image_tokens)  # validates --image-tokens (NeXT: its image size)
+    bench.check_fits_memory(cfg, args.ckpt)
     schedule = Schedule.resolve(args.lazy, cfg.text.num_layers, mode=args.mode, ckpt_dir=ckpt_dir)
     req = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "image_tokens": image_tokens,
            "new_tokens": args.new_tokens, "seed": args.seed}

@@ -478,14 +478,33 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _mem_total() -> int | None:
+def _meminfo(field: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _mem_total() -> int | None:
+    return _meminfo("MemTotal")
+
+
+def check_fits_memory(cfg, what: str) -> None:
+    """QCacheError (one line) when the weights of ``cfg`` alone exceed the memory available now
+    (``MemAvailable``), before a worker builds or loads them: a 7B preset on a small machine is
+    refused, not killed for memory. No check where /proc/meminfo is missing."""
+    from ..nn.families import abstract_model
+
+    avail = _meminfo("MemAvailable")
+    need = count_params(abstract_model(cfg)[1])[1]
+    if avail is not None and need > avail:
+        raise QCacheError(
+            f"{what}: its weights alone take {need / GIB:.1f} GiB ({cfg.dtype}), more than the {avail / GIB:.1f} GiB "
+            f"of memory available here; use fewer layers (random:PRESET:LAYERS) or a machine with more memory"
+        )
 
 
 def cpu_count() -> int:
