@@ -105,18 +105,35 @@ PREFILL_BLOCK_K = 256
 def prefill(q, k, v, q_pos, kv_pos, kv_valid, *, q_seg=None, kv_seg=None, scale=None, block_q=None, block_k=None):
     """Position-masked GQA prefill (see dispatch.flash_attention).
 
-    Tk <= DIRECT_MAX_TK (and no explicit blocks), or packed segments: `reference_attention`.
-    Otherwise `prefill_blocked`.
+    Tk <= DIRECT_MAX_TK (and no explicit blocks): `reference_attention`. Otherwise
+    `prefill_blocked`, with or without packed segments.
     """
-    if kv_seg is not None or (block_q is None and block_k is None and k.shape[2] <= DIRECT_MAX_TK):
+    if block_q is None and block_k is None and k.shape[2] <= DIRECT_MAX_TK:
         return reference_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
     return prefill_blocked(
-        q, k, v, q_pos, kv_pos, kv_valid, scale=scale, block_q=block_q or PREFILL_BLOCK_Q,
+        q, k, v, q_pos, kv_pos, kv_valid, q_seg=q_seg, kv_seg=kv_seg, scale=scale, block_q=block_q or PREFILL_BLOCK_Q,
         block_k=block_k or PREFILL_BLOCK_K,
     )
 
 
-def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=512, block_k=512):
+_SEG_PAD_Q, _SEG_PAD_K = -1, -2  # padded queries / keys: a segment no other entry has (never 0)
+
+
+def _segment_ranges(seg, keep, n_blocks, block):
+    """Per block (over every row), the smallest and largest segment id among ``keep`` entries
+    and whether any of them is segment 0 (the shared prefix every query sees)."""
+    big = jnp.iinfo(jnp.int32).max
+    b = seg.shape[0]
+    s = seg.reshape(b, n_blocks, block)
+    k = keep.reshape(b, n_blocks, block)
+    lo = jnp.where(k, s, big).min(axis=(0, 2))
+    hi = jnp.where(k, s, -big).max(axis=(0, 2))
+    zero = (k & (s == 0)).any(axis=(0, 2))
+    return lo, hi, zero
+
+
+def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, q_seg=None, kv_seg=None, scale=None, block_q=512,
+                    block_k=512):
     """Flash-style prefill in plain jnp: an outer loop over query blocks and an
     inner loop over key blocks with an online softmax (running max m, sum l,
     f32 accumulator rescaled by exp(m_old - m_new)). Live memory is one
@@ -126,6 +143,12 @@ def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=512
     query block (in every row) are skipped, which for sorted positions is
     causal block skipping. Sequences are padded to the block sizes (padded
     keys are invisible, padded queries see nothing and are cut off).
+
+    Packed segments (``q_seg`` / ``kv_seg``, as `reference_attention` takes them): key j is
+    also visible only in segment 0 or the query's segment, and a key block is skipped when no
+    key of it is in segment 0 or in the range of the query block's segments. For contiguous
+    segments (a vision tower's images and windows) that leaves only the diagonal blocks: the
+    work and the live memory grow with the segments' sizes, not with the packed length squared.
     """
     b, hq, tq, d = q.shape
     hkv, tk = k.shape[1], k.shape[2]
@@ -142,6 +165,12 @@ def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=512
     nq, nk = tq_p // block_q, tk_p // block_k
     k_min = kv_pos_p.reshape(b, nk, block_k).min(axis=-1).min(axis=0)  # [nk]
     q_max = q_pos_p.reshape(b, nq, block_q).max(axis=-1).max(axis=0)  # [nq]
+    segmented = kv_seg is not None
+    if segmented:
+        q_seg_p = pad_axis(q_seg.astype(jnp.int32), 1, block_q, _SEG_PAD_Q)
+        kv_seg_p = pad_axis(jnp.where(kv_valid, kv_seg, _SEG_PAD_K).astype(jnp.int32), 1, block_k, _SEG_PAD_K)
+        q_lo, q_hi, _ = _segment_ranges(q_seg_p, q_seg_p != _SEG_PAD_Q, nq, block_q)
+        k_lo, k_hi, k_zero = _segment_ranges(kv_seg_p, kv_seg_p != _SEG_PAD_K, nk, block_k)
     qg = qp.reshape(b, hkv, g, tq_p, d)
     prec = _precision(q.dtype)
 
@@ -149,6 +178,7 @@ def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=512
         out_buf, lse_buf = outs
         qi = lax.dynamic_slice_in_dim(qg, i * block_q, block_q, axis=3).reshape(b, hkv, g * block_q, d)
         qpos_i = lax.dynamic_slice_in_dim(q_pos_p, i * block_q, block_q, axis=1)
+        qseg_i = lax.dynamic_slice_in_dim(q_seg_p, i * block_q, block_q, axis=1) if segmented else None
 
         def visit(j, carry):
             m, l, acc = carry
@@ -158,6 +188,9 @@ def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=512
             s = lax.dot_general(qi, kj, _QK, precision=prec, preferred_element_type=_F32) * scale
             s = s.reshape(b, hkv, g, block_q, block_k)
             visible = kpos_j[:, None, :] <= qpos_i[:, :, None]  # [B, bq, bk]
+            if segmented:
+                kseg_j = lax.dynamic_slice_in_dim(kv_seg_p, j * block_k, block_k, axis=1)
+                visible &= (kseg_j[:, None, :] == qseg_i[:, :, None]) | (kseg_j[:, None, :] == 0)
             s = jnp.where(visible[:, None, None], s, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
             # Rows with nothing visible so far keep m = -inf; shift them by 0.
@@ -173,7 +206,10 @@ def prefill_blocked(q, k, v, q_pos, kv_pos, kv_valid, *, scale=None, block_q=512
             return m_new, l, acc
 
         def k_block(j, carry):
-            return lax.cond(k_min[j] <= q_max[i], lambda c: visit(j, c), lambda c: c, carry)
+            needed = k_min[j] <= q_max[i]
+            if segmented:
+                needed &= k_zero[j] | ((k_hi[j] >= q_lo[i]) & (k_lo[j] <= q_hi[i]))
+            return lax.cond(needed, lambda c: visit(j, c), lambda c: c, carry)
 
         init = (
             jnp.full((b, hkv, g, block_q, 1), -jnp.inf, _F32),

@@ -274,16 +274,9 @@ class QCacheModel:
         """What the model's passes take for one batch's images, by family: (pixels, RoPE
         positions or None). ``input_ids`` / ``valid`` [B, T]; ``pixel_values`` and ``meta`` as
         :meth:`encode` gives them (LLaVA-NeXT: ``image_sizes``, Qwen2-VL: ``image_grid_thw``)."""
-        if self.config.family != "llava":
-            from .nn.qwen2_vl import prepare_inputs
+        from .runtime.images import image_inputs
 
-            pixels, positions, _ = prepare_inputs(self.config, input_ids, valid, pixel_values, meta)
-            return pixels, positions
-        if pixel_values is not None and self.config.anyres:
-            from .nn import anyres
-
-            return anyres.pack(pixel_values, meta, self.config), None
-        return pixel_values, None
+        return image_inputs(self.config).model_inputs(input_ids, valid, pixel_values, meta)
 
     def logits(
         self,
@@ -647,7 +640,7 @@ class QCacheModel:
         valid = np.zeros((len(rows), t), bool)
         for i, r in enumerate(rows):
             padded[i, : len(r)], valid[i, : len(r)] = r, True
-        prepare_inputs(self.config, padded, valid, pv, grid)  # raises on any mismatch
+        prepare_inputs(self.config, padded, valid, pv, grid, pack=False)  # raises on any mismatch
         return rows, None if pv is None else (pv, grid), None
 
     def _next_rows(self, rows, pvs, sizes):

@@ -15,13 +15,8 @@ torch = pytest.importorskip("torch")
 
 from qcache_jax.config import QwenVisionConfig  # noqa: E402
 from qcache_jax.errors import QCacheError  # noqa: E402
-from qcache_jax.nn.qwen_vision import (  # noqa: E402
-    QwenPixels,
-    QwenVisionTower,
-    merged_tokens,
-    pack_pixels,
-    vision_config_from_hf,
-)
+from qcache_jax.io.hf_config import vision_config_from_hf  # noqa: E402
+from qcache_jax.nn.qwen_vision import QwenPixels, QwenVisionTower, merged_tokens, pack_pixels  # noqa: E402
 
 TOL = 1e-4  # max abs difference of the merged features, float32 (HF outputs: std ~4, max ~17)
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")

@@ -28,9 +28,9 @@ def run(args) -> int:
     positive("--port", args.port, 0)
     cfg = read_config(Path(args.ckpt))  # everything checkable without the weights is checked first
     schedule = Schedule.resolve(args.lazy, cfg.text.num_layers, mode=args.mode, ckpt_dir=args.ckpt)
-    if cfg.anyres:
-        raise QCacheError("serving LLaVA-NeXT checkpoints is not supported yet (each image's token count depends on "
-                          "its size); serve a LLaVA-1.5-style or text-only checkpoint")
+    if cfg.anyres or cfg.family != "llava":
+        raise QCacheError("serving LLaVA-NeXT and Qwen2-VL checkpoints is not supported yet (each image's token count "
+                          "depends on its size); serve a LLaVA-1.5-style or text-only checkpoint")
     sock = server.bind(args.host, args.port)  # fail on a taken port before loading anything
     log = log_for(args) or (lambda msg: None)
     model = load_model(args)

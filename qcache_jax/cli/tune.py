@@ -22,6 +22,8 @@ def run(args) -> int:
         from ..io.checkpoint import read_config
 
         cfg = read_config(Path(args.ckpt))
+        if cfg.anyres or cfg.family != "llava":
+            raise QCacheError(f"{args.ckpt}: tune does not support LLaVA-NeXT or Qwen2-VL checkpoints yet")
         if cfg.vision is None:
             raise QCacheError(f"{args.ckpt}: a text-only checkpoint; the synthetic task needs images: pass --data")
         size = cfg.vision.image_size

@@ -9,7 +9,7 @@ Face peers and the demo models all go through it.
 
 from __future__ import annotations
 
-from ..config import LlavaConfig, QwenVLConfig, RopeConfig, TextConfig, VisionConfig
+from ..config import LlavaConfig, QwenVisionConfig, QwenVLConfig, RopeConfig, TextConfig, VisionConfig
 from ..errors import QCacheError
 
 SUPPORTED_TEXT_TYPES = ("llama", "mistral", "qwen2")
@@ -71,7 +71,8 @@ def text_config_from_hf(tc, *, tie_word_embeddings: bool | None = None) -> TextC
     """The decoder's :class:`TextConfig` from a transformers Llama / Mistral / Qwen2 config."""
     if tc.model_type not in SUPPORTED_TEXT_TYPES + QWEN_VL_TEXT_TYPES:
         raise QCacheError(
-            f"unsupported text model_type {tc.model_type!r}; supported: {', '.join(SUPPORTED_TEXT_TYPES)}"
+            f"unsupported text model_type {tc.model_type!r}; supported: "
+            f"{', '.join(SUPPORTED_TEXT_TYPES + QWEN_VL_TEXT_TYPES)}"
         )
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     n_kv = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
@@ -155,10 +156,58 @@ def from_hf_config(hf, dtype: str = "float32") -> LlavaConfig:
     )
 
 
+def _int_size(x, what: str) -> int:
+    """HF types patch sizes as ``int | list[int]``; every released checkpoint uses one int."""
+    if isinstance(x, (list, tuple)):
+        if len(set(x)) != 1:
+            raise QCacheError(f"non-square {what} {tuple(x)} is not supported")
+        x = x[0]
+    return int(x)
+
+
+def vision_config_from_hf(vc, variant: str) -> QwenVisionConfig:
+    """Our :class:`QwenVisionConfig` from a transformers ``Qwen2VLVisionConfig`` (``variant``
+    ``qwen2_vl``) or ``Qwen2_5_VLVisionConfig`` (``qwen2_5_vl``).
+
+    The two HF configs name the same things differently: Qwen2-VL's tower width is
+    ``embed_dim`` and its ``hidden_size`` is the merger's output (the text width), with the MLP
+    width given as ``mlp_ratio``; Qwen2.5-VL's tower width is ``hidden_size`` and the merger's
+    output ``out_hidden_size``, with an explicit ``intermediate_size``.
+    """
+    if variant not in QWEN_VL_TYPES:
+        raise QCacheError(f"unknown Qwen vision variant {variant!r}; expected one of {QWEN_VL_TYPES}")
+    rope = getattr(vc, "rope_parameters", None) or {}
+    theta = float(rope.get("rope_theta", getattr(vc, "rope_theta", 10000.0)))
+    common = dict(
+        variant=variant,
+        depth=int(vc.depth),
+        num_heads=int(vc.num_heads),
+        patch_size=_int_size(vc.patch_size, "patch_size"),
+        temporal_patch_size=_int_size(vc.temporal_patch_size, "temporal_patch_size"),
+        spatial_merge_size=int(vc.spatial_merge_size),
+        in_channels=int(vc.in_channels),
+        hidden_act=_check_act(str(vc.hidden_act), "the vision MLP"),
+        rope_theta=theta,
+    )
+    if variant == "qwen2_vl":
+        return QwenVisionConfig(
+            embed_dim=int(vc.embed_dim),
+            out_hidden_size=int(vc.hidden_size),
+            intermediate_size=int(vc.embed_dim * vc.mlp_ratio),  # HF: int(embed_dim * mlp_ratio)
+            **common,
+        )
+    return QwenVisionConfig(
+        embed_dim=int(vc.hidden_size),
+        out_hidden_size=int(vc.out_hidden_size),
+        intermediate_size=int(vc.intermediate_size),
+        window_size=int(vc.window_size),
+        fullatt_block_indexes=tuple(int(i) for i in vc.fullatt_block_indexes),
+        **common,
+    )
+
+
 def qwen_config_from_hf(hf, dtype: str = "float32") -> QwenVLConfig:
     """A :class:`QwenVLConfig` from a transformers ``Qwen2VLConfig`` / ``Qwen2_5_VLConfig``."""
-    from ..nn.qwen_vision import vision_config_from_hf
-
     tc = hf.text_config
     if getattr(tc, "use_sliding_window", False):
         raise QCacheError("Qwen2-VL with use_sliding_window=true is not supported (sliding-window attention)")
@@ -177,7 +226,6 @@ def qwen_config_from_hf(hf, dtype: str = "float32") -> QwenVLConfig:
         ids[name] = None if v is None else int(v)
     if ids["image_token_id"] is None:
         raise QCacheError("the Qwen2-VL config has no image_token_id")
-    _check_act(hf.vision_config.hidden_act, "the vision MLP")
     return QwenVLConfig(family=hf.model_type, vision=vision_config_from_hf(hf.vision_config, hf.model_type),
                         text=text, dtype=dtype, **ids)
 

@@ -66,11 +66,23 @@ def _per_shard(mesh, fn, args, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
 
-def attend(q, k, v, q_pos, kv_pos, kv_valid, *, segments=None, impl: str = "auto", mesh=None, return_lse=False):
+def bidirectional_positions(valid):
+    """Mask positions under which every valid key is visible to every query (all equal): the
+    kernels' causal test ``kv_pos <= q_pos`` then holds everywhere."""
+    return jnp.zeros(valid.shape, jnp.int32)
+
+
+def attend(q, k, v, q_pos, kv_pos, kv_valid, *, segments=None, causal: bool = True, impl: str = "auto", mesh=None,
+           return_lse=False):
     """softmax(q k^T / sqrt(D)) v [B, Hq, Tq, D]; key j visible to query i iff valid and
     kv_pos <= q_pos (and, with ``segments`` [B, T] for a packed self-attention, in the shared
-    prefix segment 0 or in the query's own segment). ``return_lse``: (out, lse [B, Hq, Tq]),
+    prefix segment 0 or in the query's own segment). ``causal=False`` (a vision tower's
+    bidirectional attention): positions are ignored, every valid key (of the query's segment)
+    is visible; ``q_pos`` / ``kv_pos`` may then be None. ``return_lse``: (out, lse [B, Hq, Tq]),
     for merging attention over disjoint key sets (a VLA lazy layer's visual and text keys)."""
+    if not causal:
+        q_pos = bidirectional_positions(q[:, 0, :, 0])
+        kv_pos = bidirectional_positions(kv_valid)
     if mesh is None:
         res = flash_attention(q, k, v, q_pos, kv_pos, kv_valid, q_seg=segments, kv_seg=segments, impl=impl)
         return res if return_lse else res[0]

@@ -91,10 +91,18 @@ def scatter_features(emb, is_img, feats):
 
 class MultimodalDecoder(nnx.Module):
     """What every model family shares around the one layer stack: the decoder layers, the
-    visual positions, the rotary angles and the head. A family subclass builds
-    ``language_model`` (a :class:`LanguageModel`), ``lm_head`` (None when tied) and ``cfg``, and
-    implements ``embed(input_ids, pixel_values, *, loop)``: token embeddings with its image
+    visual positions, the rotary angles and the head. A family subclass builds its image modules
+    and the shared parts (:meth:`_build_decoder`), and implements ``embed(input_ids, pixel_values, *, loop)``: token embeddings with its image
     features in the image-token positions."""
+
+    def _build_decoder(self, cfg, dtype, rngs: nnx.Rngs):
+        """The shared parts: ``language_model``, ``lm_head`` (None when tied) and ``cfg``."""
+        self.language_model = LanguageModel(cfg.text, dtype=dtype, rngs=rngs)
+        if not cfg.text.tie_word_embeddings:
+            self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        else:
+            self.lm_head = None
+        self.cfg = cfg
 
     @property
     def layers(self):

@@ -14,8 +14,7 @@ from flax import nnx
 
 from ..config import LlavaConfig
 from .anyres import AnyresPixels, gather_features
-from .decoder import LanguageModel, MultimodalDecoder, scatter_features
-from .layers import Linear
+from .decoder import MultimodalDecoder, scatter_features
 from .vision import Projector, VisionTower
 
 
@@ -32,12 +31,7 @@ class Llava(MultimodalDecoder):
         if cfg.anyres:  # LLaVA-NeXT: the learned embedding after every row of an image's tile grid
             d = cfg.text.hidden_size
             self.image_newline = nnx.Param((jax.random.normal(rngs.params(), (d,)) / d**0.5).astype(dtype))
-        self.language_model = LanguageModel(cfg.text, dtype=dtype, rngs=rngs)
-        if not cfg.text.tie_word_embeddings:
-            self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
-        else:
-            self.lm_head = None
-        self.cfg = cfg
+        self._build_decoder(cfg, dtype, rngs)
 
     def image_features(self, pixel_values, *, loop: str = "scan"):
         """Projected image features [N, tokens_per_image, hidden] for ``pixel_values`` [N, C, H, W]

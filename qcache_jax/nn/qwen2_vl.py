@@ -16,8 +16,7 @@ from flax import nnx
 
 from ..config import QwenVLConfig
 from ..errors import QCacheError
-from .decoder import LanguageModel, MultimodalDecoder, scatter_features
-from .layers import Linear
+from .decoder import MultimodalDecoder, scatter_features
 from .qwen_vision import QwenPixels, QwenVisionTower
 
 
@@ -27,12 +26,7 @@ class Qwen2VL(MultimodalDecoder):
     def __init__(self, cfg: QwenVLConfig, *, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         self.visual = QwenVisionTower(cfg.vision, dtype=dtype, rngs=rngs)
-        self.language_model = LanguageModel(cfg.text, dtype=dtype, rngs=rngs)
-        if not cfg.text.tie_word_embeddings:
-            self.lm_head = Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
-        else:
-            self.lm_head = None
-        self.cfg = cfg
+        self._build_decoder(cfg, dtype, rngs)
 
     def embed(self, input_ids, pixel_values: QwenPixels | None = None, *, loop: str = "scan"):
         """Token embeddings with the merged visual tokens scattered into the image-pad positions
@@ -53,16 +47,18 @@ def patch_bucket(n: int, merge_unit: int) -> int:
     return merge_unit * (1 << (units - 1).bit_length())
 
 
-def prepare_inputs(cfg: QwenVLConfig, input_ids, valid, pixel_values=None, image_grid_thw=None, *, patches=None):
+def prepare_inputs(cfg: QwenVLConfig, input_ids, valid, pixel_values=None, image_grid_thw=None, *, patches=None,
+                   pack: bool = True):
     """HF-style Qwen2-VL inputs -> (QwenPixels or None, RoPE positions [3, B, T], next RoPE
     position [B]), all numpy, checked (QCacheError naming the problem).
 
     ``pixel_values`` [N_patches, C*T*P*P] and ``image_grid_thw`` [N, 3] as ``Qwen2VLImageProcessor``
     returns them; the batch's image-pad tokens must number the images' merged tokens. The patches
-    are padded to ``patches`` (default :func:`patch_bucket`).
+    are padded to ``patches`` (default :func:`patch_bucket`). ``pack=False``: check only (the
+    pixels come back None).
     """
     from .mrope import rope_index
-    from .qwen_vision import merged_tokens, pack_pixels
+    from .qwen_vision import check_pixels, merged_tokens, pack_pixels
 
     ids = np.asarray(input_ids)
     n_tokens = int((ids == cfg.image_token_id).sum())
@@ -74,18 +70,17 @@ def prepare_inputs(cfg: QwenVLConfig, input_ids, valid, pixel_values=None, image
         pos, nxt = rope_index(ids, valid, None, image_token_id=cfg.image_token_id,
                               spatial_merge_size=cfg.vision.spatial_merge_size)
         return None, pos, nxt
-    grid = np.asarray(image_grid_thw)
-    if grid.ndim != 2 or grid.shape[1] != 3 or not np.issubdtype(grid.dtype, np.integer) or (grid < 1).any():
-        raise QCacheError(f"image_grid_thw must be [N, 3] positive integers (t, h, w), got {grid.shape}")
+    grid, _, n = check_pixels(pixel_values, image_grid_thw, cfg.vision)
     need = sum(merged_tokens(grid, cfg.vision))
     if n_tokens != need:
         raise QCacheError(
             f"image features and image tokens do not match: {len(grid)} image(s) of these grids need {need} "
             f"image tokens (id {cfg.image_token_id}) in input_ids, found {n_tokens}"
         )
-    n = int(np.prod(grid, axis=1).sum())
-    pixels = pack_pixels(pixel_values, grid, cfg.vision,
-                         patches=patch_bucket(n, cfg.vision.merge_unit) if patches is None else patches)
     pos, nxt = rope_index(ids, valid, grid, image_token_id=cfg.image_token_id,
                           spatial_merge_size=cfg.vision.spatial_merge_size)
+    if not pack:
+        return None, pos, nxt
+    pixels = pack_pixels(pixel_values, grid, cfg.vision,
+                         patches=patch_bucket(n, cfg.vision.merge_unit) if patches is None else patches)
     return pixels, pos, nxt

@@ -18,8 +18,8 @@ the same bucket changes array values only, never a static argument, so jit does 
   same permutation to the patches on the host (the patch embedding is per patch, so permuting
   its input equals permuting its output). Padding patches follow the real ones.
 * **Attention masks as segment ids.** HF attends each ``cu_seqlens`` chunk separately. Here one
-  :func:`~qcache_jax.nn.attention.attend` call covers the whole sequence: all positions are 0
-  (so the causal-by-position rule sees every key) and each chunk gets its own segment id >= 1
+  :func:`~qcache_jax.nn.attention.attend` call covers the whole sequence, bidirectional
+  (``causal=False``), and each chunk gets its own segment id >= 1
   (a key is visible iff it is valid and in the query's segment). Full-attention blocks use one
   segment per frame (HF's ``cu_seqlens`` is per frame, ``t`` chunks for a ``t``-frame video);
   Qwen2.5-VL's window blocks use one segment per window. Padding patches are invalid keys and
@@ -35,8 +35,9 @@ as ``patch_embed.proj.patch_kernel`` [C, T, P, P, E] (HF's [E, C, T, P, P] trans
 (1, 2, 3, 4, 0)), which reshapes to the [C*T*P*P, E] matmul kernel without a copy.
 
 Attention with segment ids runs only on the ``"xla"`` kernels (the Pallas kernels take no
-segments), which materialise the [H, N, N] scores per block: fine for the few thousand patches
-of an image, quadratic in the padded patch count.
+segments). Their blocked path skips every key block outside the query block's segments, so a
+block's work and memory follow the images' (or windows') sizes: a score tile at a time, never
+[H, N, N] for the packed length N.
 """
 
 from __future__ import annotations
@@ -58,56 +59,6 @@ _INIT_STD = 0.02
 
 
 # ----------------------------------------------------------------------------- config
-
-
-def _int_size(x, what: str) -> int:
-    """HF types patch sizes as ``int | list[int]``; every released checkpoint uses one int."""
-    if isinstance(x, (list, tuple)):
-        if len(set(x)) != 1:
-            raise QCacheError(f"non-square {what} {tuple(x)} is not supported")
-        x = x[0]
-    return int(x)
-
-
-def vision_config_from_hf(vc, variant: str) -> QwenVisionConfig:
-    """Our :class:`QwenVisionConfig` from a transformers ``Qwen2VLVisionConfig`` (``variant``
-    ``qwen2_vl``) or ``Qwen2_5_VLVisionConfig`` (``qwen2_5_vl``).
-
-    The two HF configs name the same things differently: Qwen2-VL's tower width is
-    ``embed_dim`` and its ``hidden_size`` is the merger's output (the text width), with the MLP
-    width given as ``mlp_ratio``; Qwen2.5-VL's tower width is ``hidden_size`` and the merger's
-    output ``out_hidden_size``, with an explicit ``intermediate_size``.
-    """
-    if variant not in VARIANTS:
-        raise QCacheError(f"unknown Qwen vision variant {variant!r}; expected one of {VARIANTS}")
-    rope = getattr(vc, "rope_parameters", None) or {}
-    theta = float(rope.get("rope_theta", getattr(vc, "rope_theta", 10000.0)))
-    common = dict(
-        variant=variant,
-        depth=int(vc.depth),
-        num_heads=int(vc.num_heads),
-        patch_size=_int_size(vc.patch_size, "patch_size"),
-        temporal_patch_size=_int_size(vc.temporal_patch_size, "temporal_patch_size"),
-        spatial_merge_size=int(vc.spatial_merge_size),
-        in_channels=int(vc.in_channels),
-        hidden_act=str(vc.hidden_act),
-        rope_theta=theta,
-    )
-    if variant == "qwen2_vl":
-        return QwenVisionConfig(
-            embed_dim=int(vc.embed_dim),
-            out_hidden_size=int(vc.hidden_size),
-            intermediate_size=int(vc.embed_dim * vc.mlp_ratio),  # HF: int(embed_dim * mlp_ratio)
-            **common,
-        )
-    return QwenVisionConfig(
-        embed_dim=int(vc.hidden_size),
-        out_hidden_size=int(vc.out_hidden_size),
-        intermediate_size=int(vc.intermediate_size),
-        window_size=int(vc.window_size),
-        fullatt_block_indexes=tuple(int(i) for i in vc.fullatt_block_indexes),
-        **common,
-    )
 
 
 def _check_config(cfg: QwenVisionConfig) -> None:
@@ -177,6 +128,20 @@ def _check_grid(image_grid_thw, cfg: QwenVisionConfig) -> np.ndarray:
     return grid
 
 
+def check_pixels(pixel_values, image_grid_thw, cfg: QwenVisionConfig):
+    """(grid [n, 3] int64, pixel_values array, patch count), checked against each other
+    (QCacheError naming the problem); nothing is copied."""
+    grid = _check_grid(image_grid_thw, cfg)
+    px = np.asarray(pixel_values)
+    total = int(sum(t * h * w for t, h, w in grid.tolist()))
+    if px.ndim != 2 or px.shape != (total, cfg.patch_dim):
+        raise QCacheError(
+            f"pixel_values must have shape [{total}, {cfg.patch_dim}] for image_grid_thw "
+            f"{grid.tolist()} (sum of t*h*w patches, C*T*P*P values each), got {list(px.shape)}"
+        )
+    return grid, px, total
+
+
 def merged_tokens(image_grid_thw, cfg: QwenVisionConfig) -> list[int]:
     """Visual tokens per image (``t * h * w // merge_unit``): how many rows of the tower's
     output, and how many image placeholder tokens in the prompt, each image gets."""
@@ -216,14 +181,7 @@ def pack_pixels(pixel_values, image_grid_thw, cfg: QwenVisionConfig, *, patches:
     (h, w) rotary positions.
     """
     _check_config(cfg)
-    grid = _check_grid(image_grid_thw, cfg)
-    px = np.asarray(pixel_values)
-    total = int(sum(t * h * w for t, h, w in grid.tolist()))
-    if px.ndim != 2 or px.shape != (total, cfg.patch_dim):
-        raise QCacheError(
-            f"pixel_values must have shape [{total}, {cfg.patch_dim}] for image_grid_thw "
-            f"{grid.tolist()} (sum of t*h*w patches, C*T*P*P values each), got {list(px.shape)}"
-        )
+    grid, px, total = check_pixels(pixel_values, image_grid_thw, cfg)
     mu = cfg.merge_unit
     n = total if patches is None else int(patches)
     if n < total or n % mu:
@@ -329,9 +287,8 @@ class VisionAttention(nnx.Module):
         def heads(y):  # [N, H, D] -> [1, H, N, D]
             return y.transpose(1, 0, 2)[None]
 
-        # Bidirectional within a segment: every position 0, masking by segment id and validity.
-        pos = jnp.zeros((1, n), jnp.int32)
-        o = attend(heads(q), heads(k), heads(v), pos, pos, valid[None], segments=seg[None], impl=impl)
+        # Bidirectional within a segment (an image or a window), masking by segment id and validity.
+        o = attend(heads(q), heads(k), heads(v), None, None, valid[None], segments=seg[None], causal=False, impl=impl)
         return self.proj(o[0].transpose(1, 0, 2).reshape(n, d))
 
 

@@ -27,9 +27,9 @@ class CLIPAttention(nnx.Module):
         def split(y):  # [B, T, D] -> head-major [B, H, T, D / H]
             return y.reshape(b, t, h, d // h).transpose(0, 2, 1, 3)
 
-        # Bidirectional attention over patches: every key visible (all positions equal, all valid).
-        pos = jnp.zeros((b, t), jnp.int32)
-        o = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), pos, pos, pos == 0)
+        # Bidirectional attention over patches: every key visible.
+        o = attend(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), None, None,
+                   jnp.ones((b, t), bool), causal=False)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 

@@ -30,30 +30,11 @@ from ..lazy.attention import LazyAttention
 from ..lazy.cache import CacheLayout, DecodingState, layout_kv_bytes
 from ..lazy.fastv import FastV
 from ..lazy.schedule import Schedule
-from ..nn import anyres
 from ..host_memory import release_freed
 from . import forward
+from .buckets import bucket, pow2
+from .images import image_inputs
 from .sampling import sample
-
-# Below this many tokens prompts are padded to a power of two (few buckets, little waste);
-# above it to a multiple of 1/8 of the power of two below, so padding stays <= 12.5%.
-FINE_BUCKETS_ABOVE = 256
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """The padded size for ``n`` tokens: a power of two up to 256, then the next multiple of
-    2**(floor(log2 n) - 3) (e.g. 609 -> 640, 2881 -> 3072)."""
-    n = max(int(n), minimum)
-    if n <= FINE_BUCKETS_ABOVE:
-        return 1 << (n - 1).bit_length()
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
-
-
-def pow2(n: int) -> int:
-    """Smallest power of two >= max(n, 1) (image-count buckets)."""
-    return 1 << (max(int(n), 1) - 1).bit_length()
-
 
 def batch_bucket(n: int) -> int:
     """Rows allocated for ``n`` prompts: a power of two from 2 up to 8, then a multiple of 8 (a
@@ -243,6 +224,7 @@ class Engine:
     def __init__(self, graphdef, params, cfg, *, attention_impl: str = "auto", log: Callable[[str], None] | None = None,
                  mesh=None):
         self.graphdef, self.params, self.cfg = graphdef, params, cfg
+        self.images = image_inputs(cfg)  # the family's image inputs: buckets, structs, host arrays
         self.attention_impl = attention_impl
         self.mesh = mesh  # a jax.sharding.Mesh (axes data, model) or None: one device
         self.dtype = jax.tree.leaves(params)[0].dtype
@@ -285,32 +267,8 @@ class Engine:
                 f"prompt of {n_prompt} tokens plus {max_new_tokens} new tokens exceeds the model's context of "
                 f"{context} tokens{hint} (raise the limit with --max-context / max_context= at your own risk)"
             )
-        n_images = pow2(sum(n_images_per_row)) if any(n_images_per_row) else 0
-        n_image_tokens = 0
-        if cfg.family != "llava":
-            # Qwen2-VL: every visual token is merge_unit patches of its image, so the batch's
-            # patch count follows from its image-pad tokens; patches and the visual segment are
-            # bucketed (n_images counts patches here).
-            from ..nn.qwen2_vl import patch_bucket
-
-            vis = [sum(1 for t in p if t == cfg.image_token_id) for p in prompts]
-            n_text = max(len(p) - v for p, v in zip(prompts, vis))
-            image_len = bucket(max(vis)) if max(vis) else 0
-            unit = cfg.vision.merge_unit
-            n_images = patch_bucket(unit * sum(vis), unit) if sum(vis) else 0
-        elif cfg.anyres:
-            # LLaVA-NeXT: an image's token count depends on its size, so rows differ; the visual
-            # segment is bucketed on the longest row, the views on the image count.
-            vis = [sum(1 for t in p if t == cfg.image_token_id) for p in prompts]
-            n_text = max(len(p) - v for p, v in zip(prompts, vis))
-            image_len = bucket(max(vis)) if max(vis) else 0
-            n_image_tokens = bucket(sum(vis)) if sum(vis) else 0
-            n_images *= anyres.max_views(cfg)
-        else:
-            per_image = cfg.image_tokens_per_image
-            n_text = max(len(p) - k * per_image for p, k in zip(prompts, n_images_per_row))
-            imgs_per_row = max(n_images_per_row)
-            image_len = (pow2(imgs_per_row) if imgs_per_row else 0) * per_image
+        images = self.images.plan(prompts, n_images_per_row)
+        image_len, n_text = images.image_len, images.n_text
         text_len = bucket(n_text) + bucket(max_new_tokens)
         if cache_len is not None:
             # An explicit capacity (tokens per row, both segments) is exact, and a hard limit.
@@ -330,14 +288,14 @@ class Engine:
             layout=layout,
             prefill_batch=prefill_rows,
             prompt_len=bucket(n_prompt),
-            n_images=n_images,
+            n_images=images.n_images,
             max_new=pow2(max(max_new_tokens, 16)),
             attn=LazyAttention(mode=schedule.mode, impl=self.attention_impl, reuse_probs=reuse_probs, mesh=self.mesh),
             eos=tuple(eos),
             pad_id=pad_id,
             keep_logits=keep_logits,
             loop=loop,
-            n_image_tokens=n_image_tokens,
+            n_image_tokens=images.n_image_tokens,
         )
 
     def kv_bytes(self, plan: Plan) -> tuple[int, int]:
@@ -348,26 +306,9 @@ class Engine:
 
     def _abstract_inputs(self, plan: Plan):
         """(ids, prompt lengths, pixels, rope) as ShapeDtypeStructs: what the prefill takes."""
-        b, pv = plan.prefill_batch, None
-        ids = jax.ShapeDtypeStruct((b, plan.prompt_len), jnp.int32)
-        lens = jax.ShapeDtypeStruct((b,), jnp.int32)
-        if self.cfg.family != "llava":
-            from ..nn.qwen_vision import pack_pixels
-
-            if plan.n_images:  # the struct of a packed batch of n_images patches (values unused)
-                v = self.cfg.vision
-                dummy = pack_pixels(np.zeros((plan.n_images, v.patch_dim), np.float32),
-                                    np.asarray([[1, v.spatial_merge_size, plan.n_images // v.spatial_merge_size]]), v,
-                                    patches=plan.n_images)
-                pv = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), dummy)
-            rope = (jax.ShapeDtypeStruct((3, b, plan.prompt_len), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32))
-            return ids, lens, pv, rope
-        if plan.n_images:
-            v = self.cfg.vision
-            pv = jax.ShapeDtypeStruct((plan.n_images, v.num_channels, v.image_size, v.image_size), jnp.float32)
-            if self.cfg.anyres:
-                pv = anyres.AnyresPixels(pv, jax.ShapeDtypeStruct((plan.n_image_tokens,), jnp.int32))
-        return ids, lens, pv, None
+        b = plan.prefill_batch
+        pv, rope = self.images.abstract(plan)
+        return jax.ShapeDtypeStruct((b, plan.prompt_len), jnp.int32), jax.ShapeDtypeStruct((b,), jnp.int32), pv, rope
 
     def compile(self, plan: Plan) -> float:
         """Compile the plan's prefill and decode loop (once per plan); returns the seconds spent
@@ -483,37 +424,17 @@ class Engine:
             ids[i, : len(p)] = p
             lens[i] = len(p)
         sh = self.shardings(plan) if self.mesh is not None else None
-        pv = rope = None
-        if self.cfg.family != "llava":
-            pv, rope = self._prepare_qwen(ids, lens, pixel_values, plan)
-            if sh is None:
-                pv, rope = jax.tree.map(jnp.asarray, pv), jax.tree.map(jnp.asarray, rope)
-            else:
-                pv = None if pv is None else jax.tree.map(self._put, pv, sh["pixels"])
-                rope = jax.tree.map(self._put, rope, sh["rope"])
-        elif plan.n_images and self.cfg.anyres:  # a host AnyresPixels: pad views and index to the plan
-            pv = anyres.pad(pixel_values, plan.n_images, plan.n_image_tokens)
-            pv = jax.tree.map(jnp.asarray, pv) if sh is None else jax.tree.map(self._put, pv, sh["pixels"])
-        elif plan.n_images:
-            pv = np.zeros((plan.n_images, *pixel_values.shape[1:]), np.float32)
-            pv[: len(pixel_values)] = pixel_values
-            pv = self._put(pv, sh and sh["pixels"])
+        pv, rope = self.images.prepare(ids, lens, pixel_values, plan)  # host arrays in the plan's buckets
+        if sh is None:
+            pv, rope = jax.tree.map(jnp.asarray, pv), jax.tree.map(jnp.asarray, rope)
+        else:
+            pv = None if pv is None else jax.tree.map(self._put, pv, sh["pixels"])
+            rope = None if rope is None else jax.tree.map(self._put, rope, sh["rope"])
         active = np.arange(plan.layout.batch) < len(prompts)
         if sh is None:
             return Batch(jnp.asarray(ids), jnp.asarray(lens), pv, jnp.asarray(active), len(prompts), rope)
         return Batch(self._put(ids, sh["ids"]), self._put(lens, sh["lens"]), pv, self._put(active, sh["active"]),
                      len(prompts), rope)
-
-    def _prepare_qwen(self, ids, lens, images, plan: Plan):
-        """Qwen2-VL: (host QwenPixels padded to the plan's patches or None, (M-RoPE positions,
-        next positions)) of the padded prompt rows ``ids`` [B, T] and their lengths.
-        ``images``: None or (pixel_values [N_patches, C*T*P*P], image_grid_thw [N, 3])."""
-        from ..nn.qwen2_vl import prepare_inputs
-
-        valid = np.arange(ids.shape[1])[None, :] < lens[:, None]
-        pv, grid = (None, None) if images is None else images
-        pixels, positions, nxt = prepare_inputs(self.cfg, ids, valid, pv, grid, patches=plan.n_images or None)
-        return pixels, (positions, nxt)
 
     def prefill(self, plan: Plan, batch: Batch):
         """(decoding state, logits [B, V] of each row's last prompt token); compiles the plan

@@ -30,7 +30,7 @@ from ..lazy.attention import LazyAttention
 from ..lazy.cache import CacheLayout, DecodingState, init_state, layout_kv_bytes
 from ..lazy.schedule import Schedule
 from . import forward
-from .engine import bucket, pow2
+from .buckets import bucket, pow2
 from .sampling import sample_rows
 
 

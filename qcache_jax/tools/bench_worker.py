@@ -254,6 +254,7 @@ class HFEngine(NoEngine):
         from transformers import (
             AutoConfig,
             AutoModelForCausalLM,
+            AutoModelForImageTextToText,
             LlavaForConditionalGeneration,
             LlavaNextForConditionalGeneration,
         )
@@ -263,7 +264,9 @@ class HFEngine(NoEngine):
         t0 = time.perf_counter()
         hf_cfg = AutoConfig.from_pretrained(args.model)
         self.cfg = from_hf_config(hf_cfg, dtype="float32")
-        if self.cfg.anyres:
+        if self.cfg.family != "llava":  # Qwen2-VL / Qwen2.5-VL
+            cls = AutoModelForImageTextToText
+        elif self.cfg.anyres:
             cls = LlavaNextForConditionalGeneration
         else:
             cls = LlavaForConditionalGeneration if self.cfg.has_vision else AutoModelForCausalLM
@@ -304,6 +307,9 @@ class HFEngine(NoEngine):
             kw["pixel_values"] = torch.from_numpy(pv)
         if inputs.get("image_sizes") is not None:  # LLaVA-NeXT
             kw["image_sizes"] = torch.from_numpy(inputs["image_sizes"])
+        if inputs.get("image_grid_thw") is not None:  # Qwen2-VL: its M-RoPE needs the token types
+            kw["image_grid_thw"] = torch.from_numpy(inputs["image_grid_thw"])
+            kw["mm_token_type_ids"] = torch.from_numpy((ids == self.cfg.image_token_id).astype("int64"))
         with Measured() as m, torch.inference_mode():
             t0 = time.perf_counter()
             out = self.model.generate(**kw)

@@ -53,7 +53,7 @@ from ..errors import QCacheError
 from ..images import check_image
 from ..lazy.cache import CacheLayout, layout_kv_bytes
 from ..lazy.schedule import SCHEDULE_FILE, Schedule, check_mode
-from ..runtime.engine import bucket
+from ..runtime.buckets import bucket
 from ..runtime.forward import attention_probe
 from .jsonl import json_lines, read_text
 
@@ -217,20 +217,24 @@ def adjacent_refs(num_layers: int) -> list[int | None]:
 
 
 def collect_divergences(
-    model, samples: Sequence[Sample], *, rows: str = "last", progress: bool = True
+    model, samples: Sequence[Sample], *, rows: str = "last", progress: bool = True, visual_tokens: list | None = None
 ) -> dict[str, Divergence]:
-    """Run the dense ``model`` (a QCacheModel) on ``samples``; {"gla", "vla"} -> :class:`Divergence`."""
+    """Run the dense ``model`` (a QCacheModel) on ``samples``; {"gla", "vla"} -> :class:`Divergence`.
+    ``visual_tokens``: a list that receives each sample's visual-token count."""
     from tqdm.auto import tqdm
 
     image_token_id = model.config.image_token_id
-    per_sample = []
+    per_sample, visual = [], []
     for s in tqdm(samples, desc="calibrating", unit="sample", disable=not progress):
         ids, pixel_values, *meta = model.encode(s.prompt, [s.image])  # LLaVA-NeXT, Qwen2-VL: + sizes / grids
         input_ids, valid, row_idx, weight = _padded_inputs(ids, image_token_id, rows)
+        visual.append(sum(1 for t in ids if t == image_token_id))
         pixels, rope = model.model_images(input_ids, valid, pixel_values, *meta)
         out = _sample_divergences(model.graphdef, model.params, input_ids, pixels, valid, row_idx, weight,
                                   mesh=getattr(model, "mesh", None), rope_positions=rope)
         per_sample.append(jax.device_get(out))
+    if visual_tokens is not None:
+        visual_tokens.extend(visual)
     return {
         part: Divergence(*(np.stack([d[part][k] for d in per_sample]) for k in ("heads", "averaged")))
         for part in ("gla", "vla")
@@ -284,11 +288,14 @@ def select_by_fraction(pairwise: np.ndarray, fraction: float, keep_first: int = 
 
 
 def kv_saving(
-    schedule: Schedule, config, *, text_tokens: int = TEXT_TOKENS, new_tokens: int = NEW_TOKENS
+    schedule: Schedule, config, *, text_tokens: int = TEXT_TOKENS, new_tokens: int = NEW_TOKENS,
+    image_tokens: int | None = None,
 ) -> dict:
     """Fraction of the dense KV cache the schedule saves for one image plus ``text_tokens`` prompt
-    and ``new_tokens`` generated tokens, from the real cache layout's array shapes (not allocated)."""
-    image_tokens = config.image_tokens_per_image
+    and ``new_tokens`` generated tokens, from the real cache layout's array shapes (not allocated).
+    ``image_tokens``: the image's visual tokens (default: one image of a fixed-size family; the
+    calibration samples' mean where an image's count depends on its size)."""
+    image_tokens = config.image_tokens_per_image if image_tokens is None else int(image_tokens)
     layout = CacheLayout(batch=1, image_len=image_tokens, text_len=text_tokens + new_tokens, schedule=schedule)
     kv, dense = layout_kv_bytes(layout, config.text, config.dtype)
     return {
@@ -519,7 +526,8 @@ def calibrate(
         _import_figure()  # fail now, not after the run
     samples = load_samples(data_path, max_samples)
 
-    divergence = collect_divergences(model, samples, rows=rows, progress=progress)
+    visual: list[int] = []  # each sample's visual tokens (Qwen2-VL: they depend on the image's size)
+    divergence = collect_divergences(model, samples, rows=rows, progress=progress, visual_tokens=visual)
     mean = divergence[mode].pairwise.mean(0)
     if threshold is not None:
         schedule = select_by_threshold(mean, threshold, keep_first, mode)
@@ -535,7 +543,7 @@ def calibrate(
         lazy_fraction=lazy_fraction,
         divergence=divergence,
         schedule=schedule,
-        kv_saving=kv_saving(schedule, model.config),
+        kv_saving=kv_saving(schedule, model.config, image_tokens=round(float(np.mean(visual)))),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     if plot is not None:

@@ -668,6 +668,8 @@ def tune(
     schedule = model.resolve_lazy(lazy, mode)
     if schedule.is_dense:
         raise QCacheError("tune needs a lazy schedule with at least one lazy layer (e.g. --lazy 2-3,5-7)")
+    if model.config.anyres or model.config.family != "llava":  # a prompt's length depends on its image's size
+        raise QCacheError(f"{ckpt}: tune does not support LLaVA-NeXT or Qwen2-VL checkpoints yet")
     if model.processor is None:
         raise QCacheError(f"{ckpt}: checkpoint has no processor (tokenizer + image processor); cannot build batches")
     out = prepare_out(out, force)
@@ -676,8 +678,6 @@ def tune(
     tc = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
                      seed=seed, lazy=schedule.lazy, mode=schedule.mode, distill=distill,
                      eval_every=max(1, min(100, steps)))
-    if model.config.anyres:  # a prompt's length depends on its image's size
-        raise QCacheError(f"{ckpt}: tune does not support LLaVA-NeXT (anyres) checkpoints yet")
     seq_len = 32
     batcher = Batcher(model.processor, seq_len=seq_len)
     val = source.validation
