@@ -564,3 +564,31 @@ def test_tied_embeddings(tmp_path):
     ids = np.asarray([_row(rng, [(1, 6, 4)])])
     pv, grid = _pixels(rng, [(1, 6, 4)])
     assert np.abs(qm.logits(ids, pv, image_grid_thw=grid) - _hf_logits(hf, ids, pv=pv, grid=grid)).max() <= TOL
+
+
+def test_serve_and_tune_refuse_the_family(pair, capsys):
+    from qcache_jax.cli import main
+
+    _, _, ours = pair
+    for argv in (["serve", str(ours.path)], ["tune", str(ours.path), "--lazy", "1-2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Qwen2-VL" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_pruned_checkpoint_runs_its_gla_schedule(lazy_pair, tmp_path):
+    """qcache prune on the family: the GLA lazy layers' q/k weights are gone, logits and
+    greedy tokens are the unpruned model's under that schedule."""
+    from qcache_jax import load
+    from qcache_jax.tools.prune import prune
+
+    _, qm = lazy_pair
+    prune(qm.path, tmp_path / "pruned", lazy="1-2,4", mode="gla")
+    pruned = load(tmp_path / "pruned")
+    attn = pruned.params["language_model"]["layers"][1]["self_attn"]
+    assert attn["q_proj"]["kernel"].size == 0 and attn["k_proj"]["kernel"].size == 0  # removed: zero-size
+    ids, pv, grid = _batch(np.random.default_rng(18), [[(1, 6, 4)]])
+    kw = dict(image_grid_thw=grid, lazy="1-2,4", mode="gla")
+    np.testing.assert_allclose(pruned.logits(ids, pv, **kw), qm.logits(ids, pv, **kw), atol=1e-5, rtol=0)
+    gen = dict(input_ids=ids, pixel_values=pv, max_new_tokens=4, eos_token_id=-1, **kw)
+    assert pruned.generate(**gen).token_ids == qm.generate(**gen).token_ids
