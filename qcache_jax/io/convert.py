@@ -1,7 +1,8 @@
-"""A Hugging Face checkpoint (LLaVA, or a text-only Llama / Mistral / Qwen2, as safetensors,
-``pytorch_model*.bin`` or a GGUF file) -> this project's Orbax checkpoint.
+"""A Hugging Face checkpoint (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, or a text-only Llama /
+Mistral / Qwen2, as safetensors, ``pytorch_model*.bin`` or a GGUF file) -> this project's Orbax
+checkpoint.
 
-Driven by the abstract parameter tree of :class:`~qcache_jax.nn.llava.Llava`: every parameter
+Driven by the abstract parameter tree of the config's family (:mod:`qcache_jax.nn.families`): every parameter
 names the HF tensor it comes from (:mod:`qcache_jax.io.names`). Strict: one error lists every
 missing, unexpected and misshapen tensor. The output is written to a temporary directory beside
 ``out`` and renamed at the end, so a failure or Ctrl-C leaves nothing at ``out``.
@@ -129,8 +130,8 @@ def read_source(src: Path, dtype: str):
 def convert_hf(
     src: str | Path, out: str | Path, dtype: str = "float32", *, force: bool = False, progress: bool = True
 ) -> Path:
-    """Convert a Hugging Face checkpoint ``src`` (a LLaVA or text-only model directory, a Hub
-    id, or a GGUF file) into an Orbax checkpoint directory ``out``.
+    """Convert a Hugging Face checkpoint ``src`` (a LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL or
+    text-only model directory, a Hub id, or a GGUF file) into an Orbax checkpoint directory ``out``.
 
     ``dtype``: float32, bfloat16 or float16 (each tensor is cast as it is read). ``out`` must not
     exist unless ``force``; it is written in a temporary directory and renamed at the end.
