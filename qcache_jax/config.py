@@ -119,8 +119,18 @@ class TextConfig:
     pad_token_id: int | None = None
 
 
+class _SavedConfig:
+    """A model config's saved form (``qcache_config.json``): the dataclass as plain JSON."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig:
+class LlavaConfig(_SavedConfig):
     """A LLaVA model: vision tower, projector and text decoder. A text-only checkpoint (a
     ``*ForCausalLM``) has ``vision`` and ``image_token_id`` None and no image tokens."""
 
@@ -168,12 +178,6 @@ class LlavaConfig:
         n = self.vision.num_patches
         return n + 1 if self.vision_feature_select_strategy == "full" else n
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LlavaConfig":
         d = dict(d)
@@ -197,7 +201,7 @@ def _text_from_dict(text: dict[str, Any]) -> TextConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class QwenVLConfig:
+class QwenVLConfig(_SavedConfig):
     """A Qwen2-VL / Qwen2.5-VL model (``family``: ``qwen2_vl`` or ``qwen2_5_vl``): the native-
     resolution vision tower with its patch merger, and a Qwen2 decoder with M-RoPE
     (``text.rope.mrope_section``). An image's visual tokens are its ``image_token_id`` (image-pad)
@@ -218,12 +222,6 @@ class QwenVLConfig:
     anyres = False
     image_tokens_per_image = 0  # variable: set by each image's grid
     image_seq_length = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "QwenVLConfig":
