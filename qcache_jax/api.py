@@ -558,32 +558,15 @@ class QCacheModel:
             return self._qwen_prompts(prompt, images, input_ids, pixel_values, attention_mask, raw, image_sizes,
                                       image_grid_thw)
         if prompt is not None:
-            single = isinstance(prompt, str)
-            batch = [prompt] if single else list(prompt)
-            if not batch:
-                raise QCacheError("empty prompt list")
-            if single:
-                per_row = [images]
-            else:
-                per_row = [x for x in images] if images else [[] for _ in batch]
-            if len(per_row) != len(batch):
-                raise QCacheError(f"{len(batch)} prompts but {len(per_row)} image lists")
             if image_sizes is not None:
                 raise QCacheError("image_sizes goes with pixel_values; with a prompt, give the images")
-            rows, pvs, sizes = [], [], []
-            for p, ims in zip(batch, per_row):
-                ids, pv, *size = self.encode(p, ims, raw=raw)
-                rows.append(ids)
-                if pv is not None:
-                    pvs.append(pv)
-                    sizes.append(size[0] if size else None)
+            rows, pvs, sizes = self._encode_prompts(prompt, images, raw)
             if self.config.anyres:
                 return self._next_rows(rows, pvs, sizes)
             pv = np.concatenate(pvs) if pvs else None
         else:
             ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes)
-            mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
-            rows = [row[m].tolist() for row, m in zip(ids, mask)]
+            rows = _unpadded_rows(ids, mask)
             if self.config.anyres:
                 from .nn import anyres
 
@@ -605,6 +588,29 @@ class QCacheModel:
                     raise QCacheError(f"a prompt's image tokens are not a whole number of images ({per} tokens each)")
         return rows, pv, None
 
+    def _encode_prompts(self, prompt, images, raw):
+        """A prompt or a list of them with their images (one list per prompt) through
+        :meth:`encode`: (rows, pixel values of the rows with images, and each such row's third
+        item of :meth:`encode` (``image_sizes`` / ``image_grid_thw``; None for LLaVA-1.5))."""
+        single = isinstance(prompt, str)
+        batch = [prompt] if single else list(prompt)
+        if not batch:
+            raise QCacheError("empty prompt list")
+        if single:
+            per_row = [images]
+        else:
+            per_row = [x for x in images] if images else [[] for _ in batch]
+        if len(per_row) != len(batch):
+            raise QCacheError(f"{len(batch)} prompts but {len(per_row)} image lists")
+        rows, pvs, metas = [], [], []
+        for p, ims in zip(batch, per_row):
+            ids, pv, *meta = self.encode(p, ims, raw=raw)
+            rows.append(ids)
+            if pv is not None:
+                pvs.append(pv)
+                metas.append(meta[0] if meta else None)
+        return rows, pvs, metas
+
     def _qwen_prompts(self, prompt, images, input_ids, pixel_values, attention_mask, raw, image_sizes,
                       image_grid_thw):
         """:meth:`_prompts` for Qwen2-VL: the rows and (pixel_values, image_grid_thw), checked
@@ -612,26 +618,12 @@ class QCacheModel:
         from .nn.qwen2_vl import prepare_inputs
 
         if prompt is not None:
-            single = isinstance(prompt, str)
-            batch = [prompt] if single else list(prompt)
-            if not batch:
-                raise QCacheError("empty prompt list")
-            per_row = [images] if single else ([x for x in images] if images else [[] for _ in batch])
-            if len(per_row) != len(batch):
-                raise QCacheError(f"{len(batch)} prompts but {len(per_row)} image lists")
-            rows, pvs, grids = [], [], []
-            for p, ims in zip(batch, per_row):
-                ids, row_pv, row_grid = self.encode(p, ims, raw=raw)
-                rows.append(ids)
-                if row_pv is not None:
-                    pvs.append(row_pv)
-                    grids.append(row_grid)
+            rows, pvs, grids = self._encode_prompts(prompt, images, raw)
             pv = np.concatenate(pvs) if pvs else None
             grid = np.concatenate(grids) if grids else None
         else:
             ids, pv, mask = self.check_inputs(input_ids, pixel_values, attention_mask, image_sizes, image_grid_thw)
-            mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
-            rows = [row[m].tolist() for row, m in zip(ids, mask)]
+            rows = _unpadded_rows(ids, mask)
             grid = None if image_grid_thw is None else _to_numpy(image_grid_thw)
         if any(len(r) == 0 for r in rows):
             raise QCacheError("a prompt has no tokens")
@@ -739,6 +731,12 @@ class GenerateResult:
                 d[k] = d[k][row]
         d["kv_saved_fraction"] = self.kv_saved_fraction
         return d
+
+
+def _unpadded_rows(ids, mask) -> list[list[int]]:
+    """Each row's tokens without its padding (``mask`` None: no padding)."""
+    mask = np.ones_like(ids, bool) if mask is None else mask.astype(bool)
+    return [row[m].tolist() for row, m in zip(ids, mask)]
 
 
 def _load_hf_helper(kind: str, path: Path, family: str = "llava"):

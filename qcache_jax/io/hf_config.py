@@ -246,6 +246,27 @@ def _pinpoints(pinpoints, tile: int) -> tuple[tuple[int, int], ...]:
     return out
 
 
+def _text_fields(t: TextConfig) -> dict:
+    """The transformers text-config fields every decoder family writes alike (not the head
+    dimension, which Qwen2-VL's config derives, nor the rope parameters)."""
+    eos = list(t.eos_token_id) if len(t.eos_token_id) > 1 else (t.eos_token_id[0] if t.eos_token_id else None)
+    return dict(
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_layers,
+        num_attention_heads=t.num_heads,
+        num_key_value_heads=t.num_kv_heads,
+        rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings,
+        hidden_act=t.hidden_act,
+        tie_word_embeddings=t.tie_word_embeddings,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=t.pad_token_id,
+    )
+
+
 def to_hf_text_config(t: TextConfig, **extra):
     """A transformers Llama / Mistral / Qwen2 config describing ``t`` (``extra``: HF-only fields
     such as ``initializer_range``)."""
@@ -260,24 +281,7 @@ def to_hf_text_config(t: TextConfig, **extra):
             high_freq_factor=t.rope.high_freq_factor,
             original_max_position_embeddings=t.rope.original_max_position_embeddings,
         )
-    eos = list(t.eos_token_id) if len(t.eos_token_id) > 1 else (t.eos_token_id[0] if t.eos_token_id else None)
-    kw = dict(
-        vocab_size=t.vocab_size,
-        hidden_size=t.hidden_size,
-        intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_layers,
-        num_attention_heads=t.num_heads,
-        num_key_value_heads=t.num_kv_heads,
-        head_dim=t.head_dim,
-        rms_norm_eps=t.rms_norm_eps,
-        rope_parameters=rope,
-        max_position_embeddings=t.max_position_embeddings,
-        hidden_act=t.hidden_act,
-        tie_word_embeddings=t.tie_word_embeddings,
-        bos_token_id=t.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=t.pad_token_id,
-    )
+    kw = dict(_text_fields(t), head_dim=t.head_dim, rope_parameters=rope)
     if t.model_type == "llama":
         if t.qkv_bias != t.o_bias:
             raise QCacheError("a Llama text model has attention biases on all of q/k/v/o or none")
@@ -295,14 +299,8 @@ def to_hf_qwen_config(cfg: QwenVLConfig, *, text_extra: dict | None = None, visi
     t, v = cfg.text, cfg.vision
     if t.rope.rope_type != "default" or t.o_bias or t.mlp_bias or not t.qkv_bias:
         raise QCacheError("this text model cannot be expressed as a Qwen2-VL config (rope scaling or biases)")
-    eos = list(t.eos_token_id) if len(t.eos_token_id) > 1 else (t.eos_token_id[0] if t.eos_token_id else None)
-    text = dict(vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                rms_norm_eps=t.rms_norm_eps, max_position_embeddings=t.max_position_embeddings,
-                hidden_act=t.hidden_act, tie_word_embeddings=t.tie_word_embeddings, bos_token_id=t.bos_token_id,
-                eos_token_id=eos, pad_token_id=t.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": t.rope.theta,
-                                 "mrope_section": list(t.rope.mrope_section)}, **(text_extra or {}))
+    text = dict(_text_fields(t), rope_parameters={"rope_type": "default", "rope_theta": t.rope.theta,
+                                                  "mrope_section": list(t.rope.mrope_section)}, **(text_extra or {}))
     vision = dict(depth=v.depth, num_heads=v.num_heads, patch_size=v.patch_size,
                   temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
                   in_channels=v.in_channels, hidden_act=v.hidden_act,

@@ -40,13 +40,6 @@ class Qwen2VL(MultimodalDecoder):
         return scatter_features(emb, input_ids == self.cfg.image_token_id, feats)
 
 
-def patch_bucket(n: int, merge_unit: int) -> int:
-    """The padded patch count of ``n`` patches: ``merge_unit`` times a power of two, so images
-    of nearby sizes share one compilation."""
-    units = max(1, -(-int(n) // merge_unit))
-    return merge_unit * (1 << (units - 1).bit_length())
-
-
 def prepare_inputs(cfg: QwenVLConfig, input_ids, valid, pixel_values=None, image_grid_thw=None, *, patches=None,
                    pack: bool = True):
     """HF-style Qwen2-VL inputs -> (QwenPixels or None, RoPE positions [3, B, T], next RoPE
@@ -54,7 +47,7 @@ def prepare_inputs(cfg: QwenVLConfig, input_ids, valid, pixel_values=None, image
 
     ``pixel_values`` [N_patches, C*T*P*P] and ``image_grid_thw`` [N, 3] as ``Qwen2VLImageProcessor``
     returns them; the batch's image-pad tokens must number the images' merged tokens. The patches
-    are padded to ``patches`` (default :func:`patch_bucket`). ``pack=False``: check only (the
+    are padded to ``patches`` (None: not padded; the runtime's buckets choose it). ``pack=False``: check only (the
     pixels come back None).
     """
     from .mrope import rope_index
@@ -81,6 +74,5 @@ def prepare_inputs(cfg: QwenVLConfig, input_ids, valid, pixel_values=None, image
                           spatial_merge_size=cfg.vision.spatial_merge_size)
     if not pack:
         return None, pos, nxt
-    pixels = pack_pixels(pixel_values, grid, cfg.vision,
-                         patches=patch_bucket(n, cfg.vision.merge_unit) if patches is None else patches)
+    pixels = pack_pixels(pixel_values, grid, cfg.vision, patches=patches)
     return pixels, pos, nxt

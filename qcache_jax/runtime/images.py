@@ -113,14 +113,16 @@ class QwenImages(ImageInputs):
     count follows from its image-pad tokens; patches and the visual segment are bucketed. The
     host also computes the M-RoPE positions (:mod:`qcache_jax.nn.mrope`)."""
 
-    def plan(self, prompts, n_images_per_row) -> ImagePlan:
-        from ..nn.qwen2_vl import patch_bucket
+    def _patches(self, visual_tokens: int) -> int:
+        """The padded patch count of a batch of ``visual_tokens`` image-pad tokens: merge_unit
+        patches per token, the tokens bucketed to a power of two (0 without images)."""
+        return self.cfg.vision.merge_unit * pow2(visual_tokens) if visual_tokens else 0
 
+    def plan(self, prompts, n_images_per_row) -> ImagePlan:
         vis = _visual_counts(self.cfg, prompts)
-        unit = self.cfg.vision.merge_unit
         return ImagePlan(image_len=bucket(max(vis)) if max(vis) else 0,
                          n_text=max(len(p) - v for p, v in zip(prompts, vis)),
-                         n_images=patch_bucket(unit * sum(vis), unit) if sum(vis) else 0)
+                         n_images=self._patches(sum(vis)))
 
     def abstract(self, plan):
         from ..nn.qwen_vision import pack_pixels
@@ -146,7 +148,8 @@ class QwenImages(ImageInputs):
     def model_inputs(self, input_ids, valid, pixel_values, meta=None):
         from ..nn.qwen2_vl import prepare_inputs
 
-        pixels, positions, _ = prepare_inputs(self.cfg, input_ids, valid, pixel_values, meta)
+        patches = self._patches(int((np.asarray(input_ids) == self.cfg.image_token_id).sum())) or None
+        pixels, positions, _ = prepare_inputs(self.cfg, input_ids, valid, pixel_values, meta, patches=patches)
         return pixels, positions
 
 

@@ -106,10 +106,7 @@ def preset_config(name: str, *, num_layers: int | None = None, dtype: str = "flo
         raise QCacheError("smollm2-135m has real weights: use prepare('smollm2-135m') (not a random preset)")
     else:
         raise QCacheError(f"unknown benchmark preset {name!r}; expected one of {', '.join(PRESETS)}")
-    if num_layers is not None:
-        if num_layers < 1:
-            raise QCacheError(f"num_layers must be >= 1, got {num_layers}")
-        text = dataclasses.replace(text, num_layers=num_layers)
+    text = _with_layers(text, num_layers)
     if vision is None:
         return LlavaConfig(vision=None, text=text, image_token_id=None, image_seq_length=0, dtype=dtype)
     image_token = 255 if name in ("tiny", "tiny-next") else _LLAVA_IMAGE_TOKEN
@@ -122,6 +119,15 @@ def preset_config(name: str, *, num_layers: int | None = None, dtype: str = "flo
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default", dtype=dtype,
         image_grid_pinpoints=pinpoints,
     )
+
+
+def _with_layers(text: TextConfig, num_layers: int | None) -> TextConfig:
+    """``text`` with ``num_layers`` decoder layers (None: as it is)."""
+    if num_layers is None:
+        return text
+    if num_layers < 1:
+        raise QCacheError(f"num_layers must be >= 1, got {num_layers}")
+    return dataclasses.replace(text, num_layers=num_layers)
 
 
 def qwen_preset_config(name: str, *, num_layers: int | None = None, dtype: str = "float32") -> QwenVLConfig:
@@ -146,10 +152,7 @@ def qwen_preset_config(name: str, *, num_layers: int | None = None, dtype: str =
                                   intermediate_size=1024, hidden_act="silu", window_size=112,
                                   fullatt_block_indexes=(1, 3))
         ids = dict(image_token_id=31990, video_token_id=31991, vision_start_token_id=31992, vision_end_token_id=31993)
-    if num_layers is not None:
-        if num_layers < 1:
-            raise QCacheError(f"num_layers must be >= 1, got {num_layers}")
-        text = dataclasses.replace(text, num_layers=num_layers)
+    text = _with_layers(text, num_layers)
     return QwenVLConfig(family="qwen2_5_vl", vision=vision, text=text, dtype=dtype, **ids)
 
 
