@@ -87,6 +87,31 @@ class Linear(nnx.Module):
         return y + self.bias[...].astype(y.dtype) if self.bias is not None else y
 
 
+class FcMlp(nnx.Module):
+    """``fc2(act(fc1(x)))`` with biases: CLIP's and Qwen2-VL's vision MLP."""
+
+    def __init__(self, d: int, f: int, act: str, *, dtype, rngs: nnx.Rngs):
+        self.fc1 = Linear(d, f, bias=True, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(f, d, bias=True, dtype=dtype, rngs=rngs)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMlp(nnx.Module):
+    """``down(act(gate(x)) * up(x))``: the decoder's SwiGLU MLP and Qwen2.5-VL's vision MLP."""
+
+    def __init__(self, d: int, f: int, act: str, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.gate_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=bias, dtype=dtype, rngs=rngs)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
 class Embed(nnx.Module):
     def __init__(self, n: int, d: int, *, dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param((_INIT_STD * jax.random.normal(rngs.params(), (n, d))).astype(dtype))

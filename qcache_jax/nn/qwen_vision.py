@@ -52,7 +52,7 @@ from flax import nnx
 from ..config import QwenVisionConfig
 from ..errors import QCacheError
 from .attention import attend
-from .layers import LayerNorm, Linear, RMSNorm, activation, layer_list, layer_loop, matmul
+from .layers import FcMlp, GatedMlp, LayerNorm, Linear, RMSNorm, activation, layer_list, layer_loop, matmul
 
 VARIANTS = ("qwen2_vl", "qwen2_5_vl")
 _INIT_STD = 0.02
@@ -292,31 +292,6 @@ class VisionAttention(nnx.Module):
         return self.proj(o[0].transpose(1, 0, 2).reshape(n, d))
 
 
-class VisionMlp(nnx.Module):
-    """Qwen2-VL: fc1 -> act -> fc2."""
-
-    def __init__(self, cfg: QwenVisionConfig, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = Linear(cfg.embed_dim, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.embed_dim, bias=True, dtype=dtype, rngs=rngs)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class VisionGatedMlp(nnx.Module):
-    """Qwen2.5-VL: down(act(gate(x)) * up(x)), all with biases."""
-
-    def __init__(self, cfg: QwenVisionConfig, *, dtype, rngs: nnx.Rngs):
-        self.gate_proj = Linear(cfg.embed_dim, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(cfg.embed_dim, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.embed_dim, bias=True, dtype=dtype, rngs=rngs)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
 def _norm(cfg: QwenVisionConfig, dtype):
     """Qwen2-VL normalises with LayerNorm, Qwen2.5-VL with RMSNorm (both eps 1e-6 in HF)."""
     if cfg.variant == "qwen2_vl":
@@ -332,8 +307,10 @@ class VisionBlock(nnx.Module):
         self.norm1 = _norm(cfg, dtype)
         self.norm2 = _norm(cfg, dtype)
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
-        mlp = VisionMlp if cfg.variant == "qwen2_vl" else VisionGatedMlp
-        self.mlp = mlp(cfg, dtype=dtype, rngs=rngs)
+        d, f, act = cfg.embed_dim, cfg.intermediate_size, cfg.hidden_act
+        # Qwen2-VL: fc1 -> act -> fc2; Qwen2.5-VL: gated, with biases.
+        self.mlp = (FcMlp(d, f, act, dtype=dtype, rngs=rngs) if cfg.variant == "qwen2_vl"
+                    else GatedMlp(d, f, act, bias=True, dtype=dtype, rngs=rngs))
 
     def __call__(self, x, cos, sin, seg, valid, impl):
         x = x + self.attn(self.norm1(x), cos, sin, seg, valid, impl)

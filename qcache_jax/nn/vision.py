@@ -8,7 +8,7 @@ from flax import nnx
 
 from ..config import LlavaConfig, VisionConfig
 from .attention import attend
-from .layers import Embed, LayerNorm, Linear, activation, layer_list, layer_loop
+from .layers import Embed, FcMlp, LayerNorm, Linear, activation, layer_list, layer_loop
 
 
 class CLIPAttention(nnx.Module):
@@ -33,22 +33,12 @@ class CLIPAttention(nnx.Module):
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(b, t, d))
 
 
-class CLIPMLP(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
-        self.fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class CLIPEncoderLayer(nnx.Module):
     def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
         self.self_attn = CLIPAttention(cfg, dtype=dtype, rngs=rngs)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, dtype=dtype)
-        self.mlp = CLIPMLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = FcMlp(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs)
 
     def __call__(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
